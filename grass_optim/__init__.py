@@ -1,0 +1,39 @@
+"""grass_optim: GRASS layer-wise importance sampling for memory-efficient full-parameter fine-tuning.
+
+>>> from grass_optim import GrassAdamW
+>>> opt = GrassAdamW(model, lr=1e-4, active_layers=2, switch_every=50)   # doctest: +SKIP
+"""
+
+from .config import GrassConfig
+from .importance import block_grad_rms, ema_update, window_mean
+from .layers import LayerPartition, find_layers, unwrap_model
+from .optimizer import GrassAdamW
+from .sampling import (
+    GrassSampler,
+    Sampler,
+    StaticSampler,
+    UniformSampler,
+    inclusion_probabilities,
+    sample_without_replacement,
+    scale_free_softmax,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GrassAdamW",
+    "GrassConfig",
+    "GrassSampler",
+    "LayerPartition",
+    "Sampler",
+    "StaticSampler",
+    "UniformSampler",
+    "block_grad_rms",
+    "ema_update",
+    "find_layers",
+    "inclusion_probabilities",
+    "sample_without_replacement",
+    "scale_free_softmax",
+    "unwrap_model",
+    "window_mean",
+]

@@ -1,0 +1,112 @@
+"""Every default of GrassAdamW, in one place, and the validation of its settings.
+
+The reasons for each default are in ``docs/algorithm.md`` ("Defaults"); keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# AdamW's own defaults, used when GrassAdamW builds the AdamW itself (``base_optimizer=None``).
+DEFAULT_LR = 1e-3
+DEFAULT_BETAS = (0.9, 0.999)
+DEFAULT_EPS = 1e-8
+DEFAULT_WEIGHT_DECAY = 1e-2
+
+# GRASS hyperparameters (GRASS.md notation in brackets).
+DEFAULT_ACTIVE_LAYERS = 2  # gamma: LISA's usual choice; the paper's ablations use a few blocks
+DEFAULT_SWITCH_EVERY = 50  # T_s: LISA's interval K
+DEFAULT_PROBE_STEPS = 10  # T_p: enough steps for a stable per-block mean; 0 for "uniform"
+DEFAULT_TEMPERATURE = 1.0  # tau, applied to scores divided by their mean (scale-free)
+DEFAULT_EMA = 0.5  # alpha: weight of the newest window in the refresh
+DEFAULT_EXPLORATION = 0.0  # floor mixed with uniform; 0 keeps the published method
+DEFAULT_OUTSIDE_BLOCKS = "train"  # embeddings/norm/head are always trained, as in LISA
+DEFAULT_PROBE_LOW_MEMORY = True  # free each gradient as soon as its norm is taken while probing
+# update_every (T_u) defaults to switch_every: the scores are refreshed right before each redraw,
+# from exactly the window the leaving blocks were trained in.
+
+OUTSIDE_BLOCKS_CHOICES = ("train", "freeze")
+SAMPLER_CHOICES = ("grass", "static", "uniform")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is an int in ``[low, high]``."""
+    allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    if not _is_int(value):
+        raise TypeError(f"Invalid {name}: {value!r} (expected {allowed})")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
+
+
+def check_real(name: str, value: Any, low: float, high: float | None = None, *,
+               low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is a finite real in the given range."""
+    lo = "(" if low_open else "["
+    if high is None:
+        allowed = f"a finite number {'>' if low_open else '>='} {low}"
+    else:
+        allowed = f"a finite number in {lo}{low}, {high}{')' if high_open else ']'}"
+    if not _is_real(value):
+        raise TypeError(f"Invalid {name}: {value!r} (expected {allowed})")
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+
+
+@dataclass(frozen=True)
+class GrassConfig:
+    """The GRASS schedule, validated. Built by :class:`~grass_optim.GrassAdamW` from its arguments.
+
+    ``probe_steps`` and ``update_every`` are resolved here (``None`` means the documented default),
+    so the rest of the code never sees ``None``. ``active_layers`` is checked against the number of
+    blocks by the optimizer, which is the first to know it.
+    """
+
+    active_layers: int = DEFAULT_ACTIVE_LAYERS
+    switch_every: int = DEFAULT_SWITCH_EVERY
+    probe_steps: int = DEFAULT_PROBE_STEPS
+    update_every: int = DEFAULT_SWITCH_EVERY
+    temperature: float = DEFAULT_TEMPERATURE
+    ema: float = DEFAULT_EMA
+    exploration: float = DEFAULT_EXPLORATION
+    outside_blocks: str = DEFAULT_OUTSIDE_BLOCKS
+    probe_low_memory: bool = DEFAULT_PROBE_LOW_MEMORY
+
+    @classmethod
+    def build(cls, *, active_layers: Any, switch_every: Any, probe_steps: Any, update_every: Any,
+              temperature: Any, ema: Any, exploration: Any, outside_blocks: Any,
+              probe_low_memory: Any, uses_importance: bool) -> GrassConfig:
+        check_int("active_layers", active_layers, 1)
+        check_int("switch_every", switch_every, 1)
+        if probe_steps is None:
+            probe_steps = DEFAULT_PROBE_STEPS if uses_importance else 0
+        check_int("probe_steps", probe_steps, 0)
+        if update_every is None:
+            update_every = switch_every
+        check_int("update_every", update_every, 1)
+        check_real("temperature", temperature, 0.0, low_open=True)
+        check_real("ema", ema, 0.0, 1.0, low_open=True)
+        check_real("exploration", exploration, 0.0, 1.0)
+        check_choice("outside_blocks", outside_blocks, OUTSIDE_BLOCKS_CHOICES)
+        if not isinstance(probe_low_memory, bool):
+            raise TypeError(f"Invalid probe_low_memory: {probe_low_memory!r} (expected True or False)")
+        return cls(active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
+                   update_every=update_every, temperature=float(temperature), ema=float(ema),
+                   exploration=float(exploration), outside_blocks=outside_blocks,
+                   probe_low_memory=probe_low_memory)

@@ -1,0 +1,61 @@
+r"""Importance statistics of GRASS as pure functions of tensors.
+
+For block ``l`` with ``N_l`` parameters and gradient ``g_t^(l)`` at optimizer step ``t``:
+
+* per-step gradient RMS  ``r_t^(l) = sqrt(||g_t^(l)||^2 / N_l)``  (:func:`block_grad_rms`),
+* mean gradient norm of a window  ``m_l = mean_t r_t^(l)``  (:func:`window_mean`),
+* refresh of the blocks measured in the window  ``m_l <- a * m_l(window) + (1 - a) * m_l(old)``
+  (:func:`ema_update`).
+
+Everything here runs on the gradients' device without reading values back to the host, so the
+optimizer can call it every step without a device synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["accumulate_window", "block_grad_rms", "block_sq_norms", "ema_update", "window_mean"]
+
+
+def block_sq_norms(grads: Sequence[Tensor], block_index: Tensor, num_blocks: int) -> Tensor:
+    """Sum of squared gradient norms per block, as a float32 tensor ``[num_blocks]``.
+
+    ``grads[i]`` belongs to block ``block_index[i]`` (a long tensor on the output device). One
+    batched ``_foreach_norm`` (in float32 whatever the gradient dtype), one ``index_add``.
+    """
+    out = torch.zeros(num_blocks, dtype=torch.float32, device=block_index.device)
+    if len(grads) == 0:
+        return out
+    dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
+    sq = torch.stack([n.to(out.device, non_blocking=True) for n in norms]).square()
+    return out.index_add_(0, block_index, sq)
+
+
+def block_grad_rms(sq_norms: Tensor, numels: Tensor) -> Tensor:
+    """``sqrt(||g||^2 / N)`` per block; blocks of size 0 give 0."""
+    return torch.sqrt(sq_norms / numels.clamp(min=1))
+
+
+def accumulate_window(window_sum: Tensor, window_count: Tensor, rms: Tensor, measured: Tensor) -> None:
+    """Add this step's RMS of the measured blocks to the window, in place.
+
+    Non-finite values (overflowed or NaN gradients) never enter the scores.
+    """
+    ok = measured & torch.isfinite(rms)
+    window_sum.add_(torch.where(ok, rms, torch.zeros_like(rms)))
+    window_count.add_(ok.to(window_count.dtype))
+
+
+def window_mean(window_sum: Tensor, window_count: Tensor) -> Tensor:
+    """Mean RMS per block over the window; 0 where a block was never measured."""
+    return torch.where(window_count > 0, window_sum / window_count.clamp(min=1), torch.zeros_like(window_sum))
+
+
+def ema_update(importance: Tensor, window: Tensor, measured: Tensor, alpha: float) -> Tensor:
+    """``alpha * window + (1 - alpha) * importance`` where ``measured``, else the old score."""
+    return torch.where(measured, alpha * window + (1.0 - alpha) * importance, importance)

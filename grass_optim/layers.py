@@ -1,0 +1,157 @@
+"""Layer discovery: which modules are the sampled blocks, and which parameters are always trained.
+
+Blocks are the repeated layers of the model: the longest ``nn.ModuleList``/``nn.Sequential`` whose
+children (those holding parameters) all have one type, e.g. ``model.layers`` (Llama),
+``transformer.h`` (GPT-2) or ``encoder.layer`` (BERT/MiniLM). Lists nested inside another
+candidate's children (say, the experts inside each MoE layer) are not considered. Every parameter
+outside the blocks — embeddings, final norm, head — is "outside" and always trained by default.
+
+A parameter shared between two blocks, or between a block and the outside (tied weights), is put
+outside: freezing it with one block would freeze it everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["LayerPartition", "find_layers", "unwrap_model"]
+
+_HOW_TO_PASS = ("pass layers= to GrassAdamW: a dotted path to the list of blocks (e.g. "
+                "layers='model.layers') or a list of the block modules")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    FSDP2's ``fully_shard`` changes the module in place, so there is nothing to strip for it.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass(frozen=True)
+class LayerPartition:
+    """The blocks of a model and the parameters of each, plus the parameters outside them."""
+
+    names: tuple[str, ...]
+    blocks: tuple[nn.Module, ...]
+    block_params: tuple[tuple[nn.Parameter, ...], ...]
+    outside_params: tuple[nn.Parameter, ...]
+    _owner: dict[int, int | None] = field(repr=False, compare=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def owner(self, param: torch.Tensor) -> int | None:
+        """Block index of ``param``, or ``None`` if it is outside the blocks.
+
+        Raises ``KeyError`` for a tensor that is not a parameter of the model.
+        """
+        return self._owner[id(param)]
+
+    def contains(self, param: torch.Tensor) -> bool:
+        return id(param) in self._owner
+
+
+def _param_children(container: nn.Module) -> list[nn.Module]:
+    return [c for c in container.children() if any(True for _ in c.parameters())]
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = _param_children(module)
+        if len(children) >= 2 and len({type(c) for c in children}) == 1:
+            found.append((name, children))
+    # Drop lists that sit inside another candidate's children (MoE experts inside each layer).
+    outer = []
+    for name, children in found:
+        nested = any(other != name and name.startswith(other + ".") for other, _ in found)
+        if not nested:
+            outer.append((name, children))
+    return outer
+
+
+def _discover(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
+    candidates = _candidates(model)
+    if not candidates:
+        raise ValueError(
+            f"Could not find the repeated blocks of {type(model).__name__}: no nn.ModuleList or "
+            f"nn.Sequential with two or more same-typed children holding parameters; {_HOW_TO_PASS}")
+
+    def size(item: tuple[str, list[nn.Module]]) -> tuple[int, int]:
+        _, children = item
+        return len(children), sum(p.numel() for c in children for p in c.parameters())
+
+    name, children = max(candidates, key=size)  # max keeps the first (shallowest) on ties
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return [names[id(c)] for c in children], children
+
+
+def _from_argument(model: nn.Module, layers: str | Sequence[nn.Module]) -> tuple[list[str], list[nn.Module]]:
+    if isinstance(layers, str):
+        try:
+            container = model.get_submodule(layers)
+        except AttributeError as err:
+            raise ValueError(f"Invalid layers: {layers!r} is not a submodule of "
+                             f"{type(model).__name__} ({err})") from None
+        children = _param_children(container)
+        if len(children) < 1:
+            raise ValueError(f"Invalid layers: {layers!r} has no child module holding parameters; "
+                             f"{_HOW_TO_PASS}")
+        prefix = layers + "."
+        names = {id(m): n for n, m in container.named_children()}
+        return [prefix + names[id(c)] for c in children], children
+    if isinstance(layers, nn.Module) or not isinstance(layers, Sequence) or len(layers) == 0:
+        raise TypeError(f"Invalid layers: {type(layers).__name__} (expected None, a dotted path "
+                        "string, or a non-empty list of nn.Module blocks)")
+    names_by_id = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    out_names = []
+    for i, block in enumerate(layers):
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"Invalid layers[{i}]: {type(block).__name__} (expected an nn.Module)")
+        if id(block) not in names_by_id:
+            raise ValueError(f"Invalid layers[{i}]: {type(block).__name__} is not a submodule of the model")
+        out_names.append(names_by_id[id(block)])
+    if len(set(map(id, layers))) != len(layers):
+        raise ValueError("Invalid layers: the same module is listed twice")
+    return out_names, list(layers)
+
+
+def find_layers(model: nn.Module, layers: str | Sequence[nn.Module] | None = None) -> LayerPartition:
+    """Split ``model``'s parameters into blocks and outside parameters.
+
+    Args:
+        model (nn.Module): the model; DDP and ``torch.compile`` wrappers are stripped first.
+        layers (str or list of nn.Module, optional): ``None`` to auto-detect; a dotted path such as
+            ``"model.layers"`` naming the container of the blocks; or the block modules themselves.
+    """
+    model = unwrap_model(model)
+    names, blocks = _discover(model) if layers is None else _from_argument(model, layers)
+    # Find, for every parameter (counting each appearance), which block(s) hold it.
+    prefixes = [n + "." for n in names]
+    holders: dict[int, set[int | None]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owner = next((i for i, pre in enumerate(prefixes) if pname.startswith(pre)), None)
+        holders.setdefault(id(p), set()).add(owner)
+        params.setdefault(id(p), p)
+    owner_of: dict[int, int | None] = {}
+    for pid, hs in holders.items():
+        owner_of[pid] = next(iter(hs)) if len(hs) == 1 else None
+    block_params = tuple(tuple(p for pid, p in params.items() if owner_of[pid] == i) for i in range(len(blocks)))
+    outside = tuple(p for pid, p in params.items() if owner_of[pid] is None)
+    return LayerPartition(names=tuple(names), blocks=tuple(blocks), block_params=block_params,
+                          outside_params=outside, _owner=owner_of)

