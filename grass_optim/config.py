@@ -36,7 +36,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -58,6 +58,8 @@ def check_real(name: str, value: Any, low: float, high: float | None = None, *,
         allowed = f"a finite number in {lo}{low}, {high}{')' if high_open else ']'}"
     if not _is_real(value):
         raise TypeError(f"Invalid {name}: {value!r} (expected {allowed})")
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
     too_low = value <= low if low_open else value < low
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:

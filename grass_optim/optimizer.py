@@ -534,6 +534,9 @@ class GrassAdamW(Optimizer):
                            "(%s); the run continues with the new ones", "; ".join(changed))
         base_sd = {k: v for k, v in state_dict.items() if k != STATE_GRASS}
         self.base_optimizer.load_state_dict(base_sd)
+        # Optimizer.load_state_dict replaces the base's state and group containers: share them again.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         dev = self._device
         self._step = int(g[STATE_STEP])
         self._seed = int(g[STATE_SEED])
