@@ -60,5 +60,5 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data, after_step=None) -
 
 
 def assert_same_params(a: nn.Module, b: nn.Module) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), f"parameter {name} differs"

@@ -58,7 +58,7 @@ PARITY_CASES = [
 
 
 def _assert_same_state(ref_opt, ref_model, opt, model) -> None:
-    for (name, rp), p in zip(ref_model.named_parameters(), model.parameters()):
+    for (name, rp), p in zip(ref_model.named_parameters(), model.parameters(), strict=True):
         rs, s = ref_opt.state[rp], opt.state[p]
         assert rs.keys() == s.keys(), name
         for key in rs:
@@ -433,7 +433,8 @@ ERROR_CASES = [
      r"Invalid temperature: 0.0 \(expected a finite number > 0.0\)"),
     ("temperature-nan", lambda m: GrassAdamW(m, temperature=float("nan")), ValueError, "Invalid temperature: nan"),
     ("temperature-str", lambda m: GrassAdamW(m, temperature="hot"), TypeError, "Invalid temperature: 'hot'"),
-    ("ema-zero", lambda m: GrassAdamW(m, ema=0.0), ValueError, r"Invalid ema: 0.0 \(expected a finite number in \(0.0, 1.0\]\)"),
+    ("ema-zero", lambda m: GrassAdamW(m, ema=0.0), ValueError,
+     r"Invalid ema: 0.0 \(expected a finite number in \(0.0, 1.0\]\)"),
     ("ema-above-one", lambda m: GrassAdamW(m, ema=1.5), ValueError, "Invalid ema: 1.5"),
     ("exploration-negative", lambda m: GrassAdamW(m, exploration=-0.1), ValueError, "Invalid exploration: -0.1"),
     ("outside-blocks", lambda m: GrassAdamW(m, outside_blocks="sample"), ValueError,
@@ -441,7 +442,8 @@ ERROR_CASES = [
     ("probe-low-memory", lambda m: GrassAdamW(m, probe_low_memory="yes"), TypeError, "Invalid probe_low_memory: 'yes'"),
     ("sampler-name", lambda m: GrassAdamW(m, sampler="lisa"), ValueError, "Invalid sampler: 'lisa'"),
     ("sampler-object", lambda m: GrassAdamW(m, sampler=object()), TypeError, "lacks refresh, probabilities, draw"),
-    ("layers-path", lambda m: GrassAdamW(m, layers="blocks"), ValueError, "Invalid layers: 'blocks' is not a submodule"),
+    ("layers-path", lambda m: GrassAdamW(m, layers="blocks"), ValueError,
+     "Invalid layers: 'blocks' is not a submodule"),
     ("layers-type", lambda m: GrassAdamW(m, layers=42), TypeError, "Invalid layers: int"),
     ("layers-foreign", lambda m: GrassAdamW(m, layers=[nn.Linear(2, 2)]), ValueError,
      r"Invalid layers\[0\]: Linear is not a submodule"),
