@@ -7,6 +7,7 @@
 from .config import GrassConfig
 from .importance import block_grad_rms, ema_update, window_mean
 from .layers import LayerPartition, find_layers, unwrap_model
+from .memory import MemoryEstimate, MemoryReport, estimate_memory
 from .optimizer import GrassAdamW
 from .sampling import (
     GrassSampler,
@@ -25,11 +26,14 @@ __all__ = [
     "GrassConfig",
     "GrassSampler",
     "LayerPartition",
+    "MemoryEstimate",
+    "MemoryReport",
     "Sampler",
     "StaticSampler",
     "UniformSampler",
     "block_grad_rms",
     "ema_update",
+    "estimate_memory",
     "find_layers",
     "inclusion_probabilities",
     "sample_without_replacement",

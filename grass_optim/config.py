@@ -6,6 +6,7 @@ The reasons for each default are in ``docs/algorithm.md`` ("Defaults"); keep the
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,19 +25,33 @@ DEFAULT_EMA = 0.5  # alpha: weight of the newest window in the refresh
 DEFAULT_EXPLORATION = 0.0  # floor mixed with uniform; 0 keeps the published method
 DEFAULT_OUTSIDE_BLOCKS = "train"  # embeddings/norm/head are always trained, as in LISA
 DEFAULT_PROBE_LOW_MEMORY = True  # free each gradient as soon as its norm is taken while probing
+DEFAULT_OFFLOAD = None  # state stays where torch.optim puts it unless asked
+DEFAULT_OFFLOAD_OVERLAP = True  # copies run on side streams, overlapped with compute
 # update_every (T_u) defaults to switch_every: the scores are refreshed right before each redraw,
 # from exactly the window the leaving blocks were trained in.
 
 OUTSIDE_BLOCKS_CHOICES = ("train", "freeze")
 SAMPLER_CHOICES = ("grass", "static", "uniform")
+OFFLOAD_MODES = ("inactive", "stream")
+
+
+def resolve_offload(offload: Any) -> str | None:
+    """``None``/``False`` -> off, ``True`` -> ``"inactive"``, or one of :data:`OFFLOAD_MODES`."""
+    if offload is None or offload is False:
+        return None
+    if offload is True:
+        return "inactive"
+    if isinstance(offload, str) and offload in OFFLOAD_MODES:
+        return offload
+    raise ValueError(f"Invalid offload: {offload!r} (expected None, False, True, 'inactive' or 'stream')")
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -66,8 +81,15 @@ def check_real(name: str, value: Any, low: float, high: float | None = None, *,
         raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
+    if not isinstance(value, str):
+        raise TypeError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+    if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
 
 
@@ -89,11 +111,14 @@ class GrassConfig:
     exploration: float = DEFAULT_EXPLORATION
     outside_blocks: str = DEFAULT_OUTSIDE_BLOCKS
     probe_low_memory: bool = DEFAULT_PROBE_LOW_MEMORY
+    offload: str | None = DEFAULT_OFFLOAD
+    offload_overlap: bool = DEFAULT_OFFLOAD_OVERLAP
 
     @classmethod
     def build(cls, *, active_layers: Any, switch_every: Any, probe_steps: Any, update_every: Any,
               temperature: Any, ema: Any, exploration: Any, outside_blocks: Any,
-              probe_low_memory: Any, uses_importance: bool) -> GrassConfig:
+              probe_low_memory: Any, offload: Any = DEFAULT_OFFLOAD,
+              offload_overlap: Any = DEFAULT_OFFLOAD_OVERLAP, uses_importance: bool = True) -> GrassConfig:
         check_int("active_layers", active_layers, 1)
         check_int("switch_every", switch_every, 1)
         if probe_steps is None:
@@ -106,9 +131,10 @@ class GrassConfig:
         check_real("ema", ema, 0.0, 1.0, low_open=True)
         check_real("exploration", exploration, 0.0, 1.0)
         check_choice("outside_blocks", outside_blocks, OUTSIDE_BLOCKS_CHOICES)
-        if not isinstance(probe_low_memory, bool):
-            raise TypeError(f"Invalid probe_low_memory: {probe_low_memory!r} (expected True or False)")
-        return cls(active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
-                   update_every=update_every, temperature=float(temperature), ema=float(ema),
+        check_bool("probe_low_memory", probe_low_memory)
+        offload = resolve_offload(offload)
+        check_bool("offload_overlap", offload_overlap)
+        return cls(active_layers=int(active_layers), switch_every=int(switch_every), probe_steps=int(probe_steps),
+                   update_every=int(update_every), temperature=float(temperature), ema=float(ema),
                    exploration=float(exploration), outside_blocks=outside_blocks,
-                   probe_low_memory=probe_low_memory)
+                   probe_low_memory=probe_low_memory, offload=offload, offload_overlap=offload_overlap)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["accumulate_window", "block_grad_rms", "block_sq_norms", "ema_update", "window_mean"]
+__all__ = ["accumulate_window", "block_grad_rms", "block_sq_norms", "ema_update", "foreach_norms", "window_mean"]
 
 
 def block_sq_norms(grads: Sequence[Tensor], block_index: Tensor, num_blocks: int) -> Tensor:
@@ -31,9 +31,28 @@ def block_sq_norms(grads: Sequence[Tensor], block_index: Tensor, num_blocks: int
     if len(grads) == 0:
         return out
     dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
-    norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
-    sq = torch.stack([n.to(out.device, non_blocking=True) for n in norms]).square()
-    return out.index_add_(0, block_index, sq)
+    norms = [n.to(out.device, torch.float32, non_blocking=True) for n in foreach_norms(dense)]
+    return out.index_add_(0, block_index, torch.stack(norms).square())
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """L2 norm of each tensor, batched; half-precision inputs are reduced in float32.
+
+    ``_foreach_norm(dtype=float32)`` refuses wider inputs (float64), so those go without ``dtype``.
+    """
+    low = [i for i, t in enumerate(tensors) if t.dtype in _LOW_PRECISION]
+    wide = [i for i, t in enumerate(tensors) if t.dtype not in _LOW_PRECISION]
+    out: list[Tensor] = [torch.empty(0)] * len(tensors)
+    if low:
+        for i, n in zip(low, torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32), strict=True):
+            out[i] = n
+    if wide:
+        for i, n in zip(wide, torch._foreach_norm([tensors[i] for i in wide], 2), strict=True):
+            out[i] = n
+    return out
 
 
 def block_grad_rms(sq_norms: Tensor, numels: Tensor) -> Tensor:

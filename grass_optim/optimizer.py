@@ -16,8 +16,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import config as C
-from .importance import accumulate_window, block_grad_rms, block_sq_norms, window_mean
+from .importance import accumulate_window, block_grad_rms, block_sq_norms, foreach_norms, window_mean
 from .layers import LayerPartition, find_layers
+from .memory import MemoryReport
+from .offload import StateOffloader
 from .sampling import GrassSampler, Sampler, StaticSampler, UniformSampler, resolve_sampler
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,15 @@ class GrassAdamW(Optimizer):
         probe_low_memory (bool, optional): while probing, reduce each gradient to its squared norm
             as soon as backward produces it and free it, so probing never holds all gradients at
             once (default: True). See ``docs/algorithm.md`` for when to turn it off.
+        offload (bool or str, optional): where the blocks' optimizer state lives. ``None``/``False``:
+            where the base optimizer puts it. ``"inactive"`` (or ``True``): states of blocks not
+            being trained are parked in pinned host memory; a redraw writes the leaving blocks back
+            and prefetches the new ones, overlapped with the next forward/backward. ``"stream"``:
+            between steps every block's state is on the host; ``step()`` updates the active blocks
+            one by one, prefetching the next and writing back the previous. Parameters outside the
+            blocks keep their state on the device. See ``docs/offload.md`` (default: None).
+        offload_overlap (bool, optional): ``False`` waits for each copy as soon as it is issued
+            (a baseline that shows what the overlap buys; results are identical) (default: True).
         layers (str or list of nn.Module, optional): the blocks; ``None`` auto-detects them, a
             dotted path names their container, a list gives them (default: None).
         seed (int, optional): seed of the optimizer's own ``torch.Generator``; ``None`` derives it
@@ -145,6 +156,8 @@ class GrassAdamW(Optimizer):
                  ema: float = C.DEFAULT_EMA, exploration: float = C.DEFAULT_EXPLORATION,
                  outside_blocks: str = C.DEFAULT_OUTSIDE_BLOCKS,
                  probe_low_memory: bool = C.DEFAULT_PROBE_LOW_MEMORY,
+                 offload: bool | str | None = C.DEFAULT_OFFLOAD,
+                 offload_overlap: bool = C.DEFAULT_OFFLOAD_OVERLAP,
                  layers: str | Sequence[nn.Module] | None = None, seed: int | None = None,
                  **optimizer_kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
@@ -157,8 +170,8 @@ class GrassAdamW(Optimizer):
         self.config = C.GrassConfig.build(
             active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
             update_every=update_every, temperature=temperature, ema=ema, exploration=exploration,
-            outside_blocks=outside_blocks, probe_low_memory=probe_low_memory,
-            uses_importance=getattr(self._sampler, "uses_importance", True))
+            outside_blocks=outside_blocks, probe_low_memory=probe_low_memory, offload=offload,
+            offload_overlap=offload_overlap, uses_importance=getattr(self._sampler, "uses_importance", True))
         self._warn_unused(sampler, temperature=temperature, ema=ema, exploration=exploration,
                           update_every=update_every)
         if seed is not None:
@@ -181,6 +194,8 @@ class GrassAdamW(Optimizer):
             raise ValueError(f"Invalid active_layers: {self.config.active_layers} (expected an int in "
                              f"[1, {sampleable}]: the model has {self.num_layers} blocks, "
                              f"{sampleable} of them with trainable parameters)")
+        self._offloader = (StateOffloader(self._device, overlap=self.config.offload_overlap)
+                           if self.config.offload else None)
         self._seed = int(seed) if seed is not None else torch.initial_seed() % (2**63)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self._seed)
@@ -189,6 +204,8 @@ class GrassAdamW(Optimizer):
             self._probabilities = self._compute_probabilities()
             self._active = self._draw()
         self._sync_model()
+        # A wrapped optimizer may arrive with state: park what should not be on the device.
+        self._move_states(set(range(self.num_layers)), self._resident())
 
     # ------------------------------------------------------------------ construction helpers
     def _warn_unused(self, sampler: Any, **given: Any) -> None:
@@ -340,15 +357,102 @@ class GrassAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._measure()
-        if not self.is_probing:
+        resident = self._resident()
+        if self.config.offload == "stream" and not self.is_probing:
+            self._stream_update()
+            resident = set()  # _stream_update wrote every block back
+        elif not self.is_probing:
+            if self._offloader is not None:
+                for i in sorted(resident):
+                    self._offloader.wait(i)  # the update reads states a prefetch may still be writing
             self.base_optimizer.step()
         self._step += 1
         self._advance_schedule()
+        self._move_states(resident, self._resident())
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _stream_update(self) -> None:
+        """The layer-wise pipeline: update block i while i+1 is prefetched and i-1 written back."""
+        assert self._offloader is not None
+        off = self._offloader
+        self._step_groups(None)  # outside the blocks: state stays on the device
+        order = list(self._active)
+        for j, i in enumerate(order):
+            if j + 1 < len(order):
+                off.prefetch(order[j + 1], self._block_states(order[j + 1]))
+            off.wait(i)
+            self._step_groups(i)
+            off.offload(i, self._block_states(i))
+
+    def _step_groups(self, block: int | None) -> None:
+        """Run the base optimizer's step on the groups of one block (or of the outside) only."""
+        base = self.base_optimizer
+        groups = base.param_groups
+        subset = [g for g in groups if g[GROUP_BLOCK] == block]
+        if not subset:
+            return
+        base.param_groups = subset
+        try:
+            base.step()
+        finally:
+            base.param_groups = groups
+
+    # ------------------------------------------------------------------ where states live
+    def _resident(self, step: int | None = None, active: Sequence[int] | None = None) -> set[int]:
+        """Blocks whose state belongs on the device between steps, under the offload mode."""
+        step = self._step if step is None else step
+        active = self._active if active is None else active
+        if self.config.offload is None or step < self.config.probe_steps:
+            return set()  # off: nothing is moved; probing: nothing is updated, all stay parked
+        if self.config.offload == "inactive":
+            return set(active)
+        return {min(active)}  # "stream": prefetch the first block the next step will update
+
+    def _block_states(self, i: int) -> list[tuple[Tensor, dict[str, Any]]]:
+        return [(p, self.state[p]) for p in self._managed[i] if p in self.state]
+
+    def _move_states(self, before: set[int], after: set[int]) -> None:
+        if self._offloader is None:
+            return
+        for i in sorted(before - after):
+            self._offloader.offload(i, self._block_states(i))
+        for i in sorted(after - before):  # overlaps the next forward/backward
+            self._offloader.prefetch(i, self._block_states(i))
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes of optimizer state on the device and on the host, and bytes copied so far.
+
+        Reads only tensor sizes: no synchronisation.
+        """
+        off = self._offloader
+        per_block = [0] * self.num_layers
+        outside = host = scalars = 0
+        for p, st in self.state.items():
+            block = self.partition.owner(p) if self.partition.contains(p) else None
+            for k, v in st.items():
+                if not isinstance(v, Tensor):
+                    continue
+                nbytes = v.numel() * v.element_size()
+                if v.dim() == 0:
+                    scalars += nbytes  # step counters: never moved, a few bytes each
+                elif (off is not None and off.is_parked(p, k, v)) or v.device != p.device:
+                    host += nbytes
+                elif block is None:
+                    outside += nbytes
+                else:
+                    per_block[block] += nbytes
+        buffers = off.host_buffer_bytes if off is not None else 0
+        return MemoryReport(
+            device_state_bytes=sum(per_block) + outside, host_state_bytes=host, scalar_state_bytes=scalars,
+            pinned_bytes=buffers if off is not None and off.asynchronous else 0, host_buffer_bytes=buffers,
+            bytes_to_host=off.bytes_to_host if off is not None else 0,
+            bytes_to_device=off.bytes_to_device if off is not None else 0,
+            device_state_bytes_per_block=tuple(per_block), device_state_bytes_outside=outside)
+
+    # ------------------------------------------------------------------ measuring
     def _measure(self) -> None:
         """Add this step's per-block gradient RMS to the window; no host synchronisation."""
         L = self.num_layers
@@ -484,7 +588,12 @@ class GrassAdamW(Optimizer):
 
         Plain tensors, ints, lists and dicts: round-trips through ``torch.load(weights_only=True)``.
         """
+        if self._offloader is not None:
+            self._offloader.synchronize()  # the host reads buffers that copies may still be writing
         sd = self.base_optimizer.state_dict()
+        if self._offloader is not None:  # one place for every state: the host, whatever its home
+            sd["state"] = {i: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
+                           for i, st in sd["state"].items()}
         sd[STATE_GRASS] = {
             STATE_VERSION: _VERSION,
             STATE_NUM_LAYERS: self.num_layers,
@@ -533,6 +642,11 @@ class GrassAdamW(Optimizer):
             logger.warning("GrassAdamW.load_state_dict: schedule settings differ from the checkpoint "
                            "(%s); the run continues with the new ones", "; ".join(changed))
         base_sd = {k: v for k, v in state_dict.items() if k != STATE_GRASS}
+        parked: dict[int, dict[str, Tensor]] = {}
+        if self._offloader is not None:
+            self._offloader.synchronize()  # buffers are about to be overwritten from the host
+            resident = self._resident(int(g[STATE_STEP]), active)
+            base_sd["state"], parked = self._split_parked(state_dict, resident)
         self.base_optimizer.load_state_dict(base_sd)
         # Optimizer.load_state_dict replaces the base's state and group containers: share them again.
         self.param_groups = self.base_optimizer.param_groups
@@ -551,7 +665,38 @@ class GrassAdamW(Optimizer):
         if g.get(STATE_SAMPLER) is not None and hasattr(self._sampler, "load_state_dict"):
             self._sampler.load_state_dict(g[STATE_SAMPLER])
         self._measure_cache = None
+        if self._offloader is not None:
+            by_id = {id(p): p for grp in self.param_groups for p in grp["params"]}
+            self._offloader.load_parked((by_id[pid], self.state[by_id[pid]], k, v)
+                                        for pid, entry in parked.items() for k, v in entry.items())
         self._sync_model()
+
+    def _split_parked(self, state_dict: dict[str, Any], resident: set[int]
+                      ) -> tuple[dict[Any, Any], dict[int, dict[str, Tensor]]]:
+        """Take the movable state of non-resident blocks out of a checkpoint's state.
+
+        ``Optimizer.load_state_dict`` would put every state tensor on its parameter's device, all
+        at once: the very peak offloading avoids. Those tensors go to host buffers instead.
+        """
+        saved_ids = [i for grp in state_dict["param_groups"] for i in grp["params"]]
+        params = [p for grp in self.param_groups for p in grp["params"]]
+        saved = dict(state_dict["state"])
+        parked: dict[int, dict[str, Tensor]] = {}
+        if len(saved_ids) != len(params):
+            return saved, parked  # the base optimizer's own check reports the mismatch
+        key_of = {id(p): k for p, k in zip(params, saved_ids, strict=True)}
+        for i, ps in enumerate(self._managed):
+            if i in resident:
+                continue
+            for p in ps:
+                key = key_of[id(p)]
+                if key not in saved:
+                    continue
+                entry = dict(saved[key])
+                moved = {k: entry.pop(k) for k in list(entry) if isinstance(entry[k], Tensor) and entry[k].dim() > 0}
+                saved[key] = entry
+                parked[id(p)] = moved
+        return saved, parked
 
 
 def _probe_hook(sq_view: Tensor, hit_view: Tensor) -> Callable[[Tensor], None]:
@@ -565,7 +710,7 @@ def _probe_hook(sq_view: Tensor, hit_view: Tensor) -> Callable[[Tensor], None]:
         if grad is None:
             return
         g = grad.coalesce().values() if grad.is_sparse else grad
-        sq_view.add_(torch.linalg.vector_norm(g, dtype=torch.float32).square().to(sq_view.device))
+        sq_view.add_(foreach_norms([g])[0].to(sq_view.device, torch.float32).square())
         hit_view.add_(1)
         param.grad = None
     return hook

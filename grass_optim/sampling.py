@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import DEFAULT_EMA, DEFAULT_EXPLORATION, DEFAULT_TEMPERATURE, check_real
+from .config import DEFAULT_EMA, DEFAULT_EXPLORATION, DEFAULT_TEMPERATURE, check_int, check_real
 from .importance import ema_update
 
 __all__ = [
@@ -44,6 +44,8 @@ def scale_free_softmax(scores: Tensor, temperature: float = DEFAULT_TEMPERATURE,
     values are tiny and shrink during training). All-zero scores give the uniform distribution.
     Computed in float64, after dividing by the largest magnitude, so any finite input works.
     """
+    check_real("temperature", temperature, 0.0, low_open=True)
+    check_real("exploration", exploration, 0.0, 1.0)
     m = scores.detach().to(device="cpu", dtype=torch.float64).flatten()
     if m.numel() == 0:
         raise ValueError("scale_free_softmax needs at least one score")
@@ -65,12 +67,16 @@ def sample_without_replacement(probabilities: Tensor, k: int, generator: torch.G
     Gumbel-top-k: the ``k`` largest ``log p_i + G_i`` with ``G_i`` standard Gumbel noise from
     ``generator`` (a CPU generator; the global RNG is never used). Returns them sorted.
     """
-    p = probabilities.detach().to(device="cpu", dtype=torch.float64)
-    if not 1 <= k <= p.numel():
-        raise ValueError(f"Invalid k: {k} (expected an int in [1, {p.numel()}])")
+    p = probabilities.detach().to(device="cpu", dtype=torch.float64).flatten()
+    check_int("k", k, 1, p.numel())
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not p.sum() > 0:
+        raise ValueError(f"Invalid probabilities: {p.tolist()} (expected finite non-negative numbers with a "
+                         "positive sum)")
     u = torch.rand(p.numel(), generator=generator, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(u))  # u == 0 gives -inf: never chosen over a real draw
-    keys = torch.log(p) + gumbel
+    # Zero-probability entries rank below every positive one (log p + G > -800 for any float64
+    # p > 0 and u >= 2**-53), and uniformly among themselves when k exceeds the positive ones.
+    keys = torch.where(p > 0, torch.log(p), torch.full_like(p, -1e4)) + gumbel
     return torch.sort(torch.topk(keys, k).indices).values
 
 
@@ -173,6 +179,9 @@ def resolve_sampler(sampler: Any, *, temperature: float, ema: float, exploration
             return UniformSampler()
         raise ValueError(f"Invalid sampler: {sampler!r} (expected 'grass', 'static', 'uniform' "
                          "or an object with refresh(), probabilities() and draw() methods)")
+    if isinstance(sampler, type):
+        raise TypeError(f"Invalid sampler: the class {sampler.__name__} (expected an instance, e.g. "
+                        f"{sampler.__name__}())")
     missing = [m for m in ("refresh", "probabilities", "draw") if not callable(getattr(sampler, m, None))]
     if missing:
         raise TypeError(f"Invalid sampler: {sampler!r} lacks {', '.join(missing)}() (expected 'grass', "

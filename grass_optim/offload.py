@@ -1,0 +1,161 @@
+"""Moving optimizer state between the accelerator and (pinned) host memory.
+
+Mechanics only: this module knows parameters, their state dicts and opaque "unit" keys (the
+optimizer uses block indices), never the GRASS schedule. The optimizer says *what* moves *when*;
+this says *how*, with one rule per synchronisation point written next to it.
+
+On an accelerator (CUDA and any device behind ``torch.accelerator``):
+
+* host buffers are pinned, allocated the first time a tensor is parked and reused afterwards;
+* two persistent side streams, one per direction, so a write-back and a prefetch can overlap;
+* one event per transfer of a unit; whoever reads the moved tensors waits on exactly that event.
+
+On a CPU-only machine the same calls run synchronously and park the state in separate host
+buffers, so every code path, and every test of it, also runs without an accelerator.
+
+Only tensors with at least one dimension move (moments, second moments, momentum buffers); 0-d
+tensors such as AdamW's ``step`` stay where the base optimizer keeps them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["StateOffloader"]
+
+# (parameter, its state dict in the base optimizer)
+ParamState = tuple[Tensor, dict[str, Any]]
+
+
+def _movable(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0
+
+
+class StateOffloader:
+    """Parks and restores the state tensors of groups of parameters.
+
+    Args:
+        device (torch.device): where the parameters (and the active state) live.
+        overlap (bool): ``False`` waits for every copy right after issuing it (a blocking baseline
+            for benchmarks; results are identical).
+    """
+
+    def __init__(self, device: torch.device, overlap: bool = True) -> None:
+        self.device = torch.device(device)
+        accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        self.asynchronous = accel is not None and self.device.type == accel.type
+        self.overlap = overlap
+        if self.asynchronous:
+            # Persistent streams: creating streams per step grows the caching allocator.
+            self._to_host = torch.Stream(device=self.device)
+            self._to_device = torch.Stream(device=self.device)
+        self._host: dict[tuple[int, str], Tensor] = {}  # (id(param), key) -> host buffer
+        self._pending: dict[Any, torch.Event] = {}  # unit -> event of its last transfer
+        self.bytes_to_host = 0
+        self.bytes_to_device = 0
+
+    # -------------------------------------------------------------- queries
+    def is_parked(self, param: Tensor, key: str, value: Any) -> bool:
+        """True when ``value`` is the host buffer of ``param``'s state ``key``."""
+        return self._host.get((id(param), key)) is value
+
+    @property
+    def host_buffer_bytes(self) -> int:
+        """Bytes of all host buffers allocated so far (pinned on an accelerator)."""
+        return sum(t.numel() * t.element_size() for t in self._host.values())
+
+    # -------------------------------------------------------------- transfers
+    def offload(self, unit: Any, states: Iterable[ParamState]) -> None:
+        """Move the unit's state to its host buffers; the device copies are released."""
+        moves = [(p, st, k, v) for p, st in states for k, v in st.items()
+                 if _movable(v) and not self.is_parked(p, k, v)]
+        if not moves:
+            return
+        if not self.asynchronous:
+            for p, st, k, v in moves:
+                st[k] = self._host_buffer(p, k, v).copy_(v)
+                self.bytes_to_host += v.numel() * v.element_size()
+            return
+        buffers = [self._host_buffer(p, k, v) for p, _, k, v in moves]
+        # A previous prefetch of this unit reads these host buffers; do not overwrite them before it ends.
+        self._stream_waits_for_unit(self._to_host, unit)
+        # The update that last wrote these states was queued on the compute stream.
+        self._to_host.wait_stream(torch.accelerator.current_stream(self.device))
+        with self._to_host:
+            for (p, st, k, v), host in zip(moves, buffers, strict=True):
+                host.copy_(v, non_blocking=True)
+                # v is dropped below while the copy may still read it: keep its memory from being reused.
+                v.record_stream(self._to_host)
+                st[k] = host
+                self.bytes_to_host += v.numel() * v.element_size()
+        self._record(unit, self._to_host)
+
+    def prefetch(self, unit: Any, states: Iterable[ParamState]) -> None:
+        """Start moving the unit's parked state to the device; :meth:`wait` before using it."""
+        moves = [(p, st, k, v) for p, st in states for k, v in st.items()
+                 if _movable(v) and self.is_parked(p, k, v)]
+        if not moves:
+            return
+        if not self.asynchronous:
+            for _, st, k, v in moves:
+                st[k] = v.to(self.device, copy=True)
+                self.bytes_to_device += v.numel() * v.element_size()
+            return
+        # Allocate on the compute stream, which will use (and later free) these tensors.
+        targets = [torch.empty_like(v, device=self.device) for _, _, _, v in moves]
+        # The memory just allocated may have been freed by work still queued on the compute stream.
+        self._to_device.wait_stream(torch.accelerator.current_stream(self.device))
+        # A write-back of this unit into the same host buffers may still be in flight.
+        self._stream_waits_for_unit(self._to_device, unit)
+        with self._to_device:
+            for (_, st, k, v), d in zip(moves, targets, strict=True):
+                d.copy_(v, non_blocking=True)
+                st[k] = d
+                self.bytes_to_device += v.numel() * v.element_size()
+        self._record(unit, self._to_device)
+
+    def wait(self, unit: Any) -> None:
+        """Make the compute stream wait for the unit's last transfer (before the update reads it)."""
+        event = self._pending.pop(unit, None)
+        if event is not None:
+            event.wait(torch.accelerator.current_stream(self.device))
+
+    def synchronize(self) -> None:
+        """Block the host until every transfer has finished (before the host reads host buffers)."""
+        for event in self._pending.values():
+            event.synchronize()
+        self._pending.clear()
+
+    def load_parked(self, items: Iterable[tuple[Tensor, dict[str, Any], str, Tensor]]) -> None:
+        """Put checkpointed values straight into host buffers: ``(param, state, key, value)``.
+
+        Floating-point values take the parameter's dtype, as ``Optimizer.load_state_dict`` does.
+        Host to host, on the calling thread: nothing is in flight afterwards.
+        """
+        for p, st, k, v in items:
+            value = v.to(dtype=p.dtype) if p.is_floating_point() else v
+            st[k] = self._host_buffer(p, k, value).copy_(value)
+
+    # -------------------------------------------------------------- internals
+    def _host_buffer(self, param: Tensor, key: str, like: Tensor) -> Tensor:
+        buf = self._host.get((id(param), key))
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=self.asynchronous)
+            self._host[(id(param), key)] = buf
+        return buf
+
+    def _stream_waits_for_unit(self, stream: torch.Stream, unit: Any) -> None:
+        event = self._pending.get(unit)
+        if event is not None:
+            stream.wait_event(event)
+
+    def _record(self, unit: Any, stream: torch.Stream) -> None:
+        event = torch.Event(device=self.device)
+        event.record(stream)
+        self._pending[unit] = event
+        if not self.overlap:
+            event.synchronize()  # the blocking baseline: nothing overlaps
