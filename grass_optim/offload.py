@@ -86,7 +86,7 @@ class StateOffloader:
         # The update that last wrote these states was queued on the compute stream.
         self._to_host.wait_stream(torch.accelerator.current_stream(self.device))
         with self._to_host:
-            for (p, st, k, v), host in zip(moves, buffers, strict=True):
+            for (_, st, k, v), host in zip(moves, buffers, strict=True):
                 host.copy_(v, non_blocking=True)
                 # v is dropped below while the copy may still read it: keep its memory from being reused.
                 v.record_stream(self._to_host)
