@@ -468,19 +468,23 @@ class GrassAdamW(Optimizer):
         accumulate_window(self._window_sum, self._window_count, block_grad_rms(sq, self._numel), measured)
 
     def _gathered_grads(self) -> tuple[list[Tensor], Tensor]:
-        active = self.active_layer_indices
-        if self._measure_cache is None or self._measure_cache[0] != active:
-            params = [p for i in active for p in self._managed[i]]
-            owners = [i for i in active for _ in self._managed[i]]
-            # Built once per active set (on a step that already synchronises), reused every step.
-            index = torch.tensor(owners, dtype=torch.int64, device=self._device)
-            self._measure_cache = (active, params, index, torch.tensor(owners, dtype=torch.int64))
-        _, params, index, owners_cpu = self._measure_cache
+        _, params, index, owners_cpu = self._measure_plan()
         grads = [p.grad for p in params]
         if all(g is not None for g in grads):
             return grads, index  # type: ignore[return-value]
         keep = [i for i, g in enumerate(grads) if g is not None]  # unused parameters: rare path
         return [grads[i] for i in keep], owners_cpu[keep].to(self._device)  # type: ignore[misc]
+
+    def _measure_plan(self) -> tuple[tuple[int, ...], list[Tensor], Tensor, Tensor]:
+        """Parameters of the active blocks and their block indices, built once per active set."""
+        active = self.active_layer_indices
+        if self._measure_cache is None or self._measure_cache[0] != active:
+            params = [p for i in active for p in self._managed[i]]
+            owners = torch.tensor([i for i in active for _ in self._managed[i]], dtype=torch.int64)
+            # A host-to-device copy: done when the active set changes (a step that already
+            # synchronises), so that the steps in between never wait for the device.
+            self._measure_cache = (active, params, owners.to(self._device), owners)
+        return self._measure_cache
 
     def _advance_schedule(self) -> None:
         c = self.config
@@ -567,6 +571,7 @@ class GrassAdamW(Optimizer):
             p.requires_grad_(outside_on)
             if not outside_on:
                 p.grad = None
+        self._measure_plan()
         want_hooks = probing and self.config.probe_low_memory
         if want_hooks and not self._hooks:
             self._install_probe_hooks()
