@@ -189,11 +189,6 @@ class GrassAdamW(Optimizer):
         self._ready = True
 
         self._init_bookkeeping()
-        sampleable = sum(self._sampleable)
-        if self.config.active_layers > sampleable:
-            raise ValueError(f"Invalid active_layers: {self.config.active_layers} (expected an int in "
-                             f"[1, {sampleable}]: the model has {self.num_layers} blocks, "
-                             f"{sampleable} of them with trainable parameters)")
         self._offloader = (StateOffloader(self._device, overlap=self.config.offload_overlap)
                            if self.config.offload else None)
         self._seed = int(seed) if seed is not None else torch.initial_seed() % (2**63)
@@ -233,6 +228,7 @@ class GrassAdamW(Optimizer):
                 given = {"lr": C.DEFAULT_LR, "betas": C.DEFAULT_BETAS, "eps": C.DEFAULT_EPS,
                          "weight_decay": C.DEFAULT_WEIGHT_DECAY, **given}
             groups = _split_groups([{"params": list(model.parameters())}], self.partition)
+            self._check_active_layers(groups)
             try:
                 return cls(groups, **given, **optimizer_kwargs)
             except TypeError as err:
@@ -245,11 +241,21 @@ class GrassAdamW(Optimizer):
                     f"Invalid arguments {', '.join(extra)} together with a base_optimizer instance: "
                     f"the wrapped {type(base).__name__} keeps its own hyperparameters; set them when "
                     "you build it, or pass the class instead of an instance")
+            groups = _split_groups(base.param_groups, self.partition)
+            self._check_active_layers(groups)  # before the user's optimizer is touched
             # Rewrite in place: the user's references (and its state, keyed by parameter) stay valid.
-            base.param_groups[:] = _split_groups(base.param_groups, self.partition)
+            base.param_groups[:] = groups
             return base
         raise TypeError(f"Invalid base_optimizer: {base!r} (expected None, a torch.optim.Optimizer "
                         "subclass, or an instance of one built over the model's parameters)")
+
+    def _check_active_layers(self, groups: list[dict[str, Any]]) -> None:
+        trainable = {g[GROUP_BLOCK] for g in groups if g[GROUP_BLOCK] is not None
+                     and any(p.requires_grad for p in g["params"])}
+        if self.config.active_layers > len(trainable):
+            raise ValueError(f"Invalid active_layers: {self.config.active_layers} (expected an int in "
+                             f"[1, {len(trainable)}]: the model has {self.partition.num_layers} blocks, "
+                             f"{len(trainable)} of them with trainable parameters in the optimizer)")
 
     @staticmethod
     def _check_base_class(cls: type) -> None:

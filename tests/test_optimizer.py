@@ -473,6 +473,15 @@ def test_bad_arguments_raise_specific_errors(case):
     assert [p.requires_grad for p in model.parameters()] == before, "a failed build must not touch the model"
 
 
+def test_a_failed_wrap_leaves_the_users_optimizer_as_it_was():
+    model = make_net()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    groups = [dict(g, params=list(g["params"])) for g in base.param_groups]
+    with pytest.raises(ValueError, match="Invalid active_layers: 9"):
+        GrassAdamW(model, base, active_layers=9)
+    assert base.param_groups == groups
+
+
 def test_settings_without_effect_are_warned(caplog):
     with caplog.at_level("WARNING", logger="grass_optim"):
         GrassAdamW(make_net(), sampler="uniform", temperature=2.0)
