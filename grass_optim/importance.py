@@ -5,7 +5,7 @@ For block ``l`` with ``N_l`` parameters and gradient ``g_t^(l)`` at optimizer st
 * per-step gradient RMS  ``r_t^(l) = sqrt(||g_t^(l)||^2 / N_l)``  (:func:`block_grad_rms`),
 * mean gradient norm of a window  ``m_l = mean_t r_t^(l)``  (:func:`window_mean`),
 * refresh of the blocks measured in the window  ``m_l <- a * m_l(window) + (1 - a) * m_l(old)``
-  (:func:`ema_update`).
+  (:func:`ema_update`); a block never measured before has score NaN and takes the window mean.
 
 Everything here runs on the gradients' device without reading values back to the host, so the
 optimizer can call it every step without a device synchronisation.
@@ -76,5 +76,10 @@ def window_mean(window_sum: Tensor, window_count: Tensor) -> Tensor:
 
 
 def ema_update(importance: Tensor, window: Tensor, measured: Tensor, alpha: float) -> Tensor:
-    """``alpha * window + (1 - alpha) * importance`` where ``measured``, else the old score."""
-    return torch.where(measured, alpha * window + (1.0 - alpha) * importance, importance)
+    """``alpha * window + (1 - alpha) * importance`` where ``measured``, else the old score.
+
+    A block without a score yet (NaN) takes the window mean as it is: averaging a first
+    measurement with a placeholder would bias it by the placeholder's arbitrary scale.
+    """
+    updated = torch.where(torch.isnan(importance), window, alpha * window + (1.0 - alpha) * importance)
+    return torch.where(measured, updated, importance)

@@ -12,13 +12,34 @@ outside: freezing it with one block would freeze it everywhere.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["LayerPartition", "find_layers", "unwrap_model"]
+__all__ = ["LayerPartition", "find_layers", "is_trainable", "set_frozen_by_grass", "unwrap_model"]
+
+# Parameters that a GrassAdamW froze (requires_grad=False because their block is inactive). A second
+# optimizer built on the same model (resuming in the same process, estimating memory) must see them
+# as trainable, not as frozen by the user. Weak: the registry never keeps a parameter alive.
+# Keyed by id(): tensors compare element-wise, so they cannot be set members themselves.
+_FROZEN_BY_GRASS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def set_frozen_by_grass(param: torch.Tensor, frozen: bool) -> None:
+    """Set ``requires_grad = not frozen`` and remember that GRASS, not the user, froze it."""
+    param.requires_grad_(not frozen)
+    if frozen:
+        _FROZEN_BY_GRASS[id(param)] = param
+    else:
+        _FROZEN_BY_GRASS.pop(id(param), None)
+
+
+def is_trainable(param: torch.Tensor) -> bool:
+    """``requires_grad``, or frozen only because GRASS made its block inactive."""
+    return param.requires_grad or _FROZEN_BY_GRASS.get(id(param)) is param
 
 _HOW_TO_PASS = ("pass layers= to GrassAdamW: a dotted path to the list of blocks (e.g. "
                 "layers='model.layers') or a list of the block modules")
@@ -78,7 +99,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     # Drop lists that sit inside another candidate's children (MoE experts inside each layer).
     outer = []
     for name, children in found:
-        nested = any(other != name and name.startswith(other + ".") for other, _ in found)
+        nested = any(other != name and (other == "" or name.startswith(other + ".")) for other, _ in found)
         if not nested:
             outer.append((name, children))
     return outer
@@ -95,13 +116,16 @@ def _discover(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
         _, children = item
         return len(children), sum(p.numel() for c in children for p in c.parameters())
 
-    name, children = max(candidates, key=size)  # max keeps the first (shallowest) on ties
+    name, children = max(candidates, key=size)  # ties: the first in named_modules() order
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     return [names[id(c)] for c in children], children
 
 
 def _from_argument(model: nn.Module, layers: str | Sequence[nn.Module]) -> tuple[list[str], list[nn.Module]]:
     if isinstance(layers, str):
+        if not layers:
+            raise ValueError(f"Invalid layers: '' (expected a dotted path to the container of the blocks, "
+                             f"e.g. 'model.layers'; {_HOW_TO_PASS})")
         try:
             container = model.get_submodule(layers)
         except AttributeError as err:

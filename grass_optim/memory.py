@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_ACTIVE_LAYERS, DEFAULT_OUTSIDE_BLOCKS, OUTSIDE_BLOCKS_CHOICES, check_choice, check_int
-from .layers import find_layers
+from .layers import find_layers, is_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
     """Predict device memory for weights, gradients and optimizer state, before training.
 
     Bounds are taken over the ``active_layers`` largest blocks, so they hold whichever are drawn.
-    Only trainable parameters (``requires_grad=True``) get gradients and state.
+    Only trainable parameters (``requires_grad=True``, or frozen by a GrassAdamW because their
+    block is inactive) get gradients and state.
 
     Args:
         model (nn.Module): the model (its parameters may be on any device, or on ``meta``).
@@ -103,12 +104,12 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
         return state_tensors_per_param * p.numel() * item
 
     weights = sum(size(p) for p in {id(p): p for p in model.parameters()}.values())
-    blocks = [[p for p in ps if p.requires_grad] for ps in part.block_params]
-    outside = [p for p in part.outside_params if p.requires_grad] if outside_blocks == "train" else []
+    blocks = [[p for p in ps if is_trainable(p)] for ps in part.block_params]
+    outside = [p for p in part.outside_params if is_trainable(p)] if outside_blocks == "train" else []
     block_grad = sorted((sum(size(p) for p in ps) for ps in blocks), reverse=True)
     block_state = sorted((sum(state(p) for p in ps) for ps in blocks), reverse=True)
     out_grad, out_state = sum(size(p) for p in outside), sum(state(p) for p in outside)
-    all_trainable = [p for ps in blocks for p in ps] + [p for p in part.outside_params if p.requires_grad]
+    all_trainable = [p for ps in blocks for p in ps] + [p for p in part.outside_params if is_trainable(p)]
 
     def row(grads: int, opt_state: int) -> dict[str, int]:
         return {"weights": weights, "gradients": grads, "optimizer_state": opt_state,

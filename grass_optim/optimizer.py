@@ -8,6 +8,7 @@ freeze/unfreeze blocks so that only the active ones get gradients and updates.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,10 +18,10 @@ from torch.optim import Optimizer
 
 from . import config as C
 from .importance import accumulate_window, block_grad_rms, block_sq_norms, foreach_norms, window_mean
-from .layers import LayerPartition, find_layers
+from .layers import LayerPartition, find_layers, is_trainable, set_frozen_by_grass
 from .memory import MemoryReport
 from .offload import StateOffloader
-from .sampling import GrassSampler, Sampler, StaticSampler, UniformSampler, resolve_sampler
+from .sampling import Sampler, resolve_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ STATE_GENERATOR = "generator"
 STATE_SAMPLER = "sampler"
 STATE_CONFIG = "config"
 _VERSION = 1
+_REQUIRED_KEYS = (STATE_VERSION, STATE_NUM_LAYERS, STATE_LAYER_NUMEL, STATE_STEP, STATE_SEED, STATE_ACTIVE,
+                  STATE_IMPORTANCE, STATE_PROBABILITIES, STATE_WINDOW_SUM, STATE_WINDOW_COUNT, STATE_PROBE_SQ,
+                  STATE_PROBE_HITS, STATE_GENERATOR)
 
 # Settings that change the schedule: a resume with other values does not continue the same run.
 _SCHEDULE_FIELDS = ("active_layers", "switch_every", "probe_steps", "update_every")
@@ -127,7 +131,8 @@ class GrassAdamW(Optimizer):
         exploration (float, optional): share of the uniform distribution mixed into ``p``, so no
             block becomes impossible to draw (default: 0.0).
         outside_blocks (str, optional): ``"train"`` trains the parameters outside the blocks
-            (embeddings, final norm, head) at every step; ``"freeze"`` never (default: "train").
+            (embeddings, final norm, head) at every step after probing; ``"freeze"`` never
+            (default: "train").
         probe_low_memory (bool, optional): while probing, reduce each gradient to its squared norm
             as soon as backward produces it and free it, so probing never holds all gradients at
             once (default: True). See ``docs/algorithm.md`` for when to turn it off.
@@ -135,8 +140,9 @@ class GrassAdamW(Optimizer):
             where the base optimizer puts it. ``"inactive"`` (or ``True``): states of blocks not
             being trained are parked in pinned host memory; a redraw writes the leaving blocks back
             and prefetches the new ones, overlapped with the next forward/backward. ``"stream"``:
-            between steps every block's state is on the host; ``step()`` updates the active blocks
-            one by one, prefetching the next and writing back the previous. Parameters outside the
+            between steps every block's state is on the host except the first block of the next
+            update (prefetched during forward/backward); ``step()`` updates the active blocks one
+            by one, prefetching the next and writing back the previous. Parameters outside the
             blocks keep their state on the device. See ``docs/offload.md`` (default: None).
         offload_overlap (bool, optional): ``False`` waits for each copy as soon as it is issued
             (a baseline that shows what the overlap buys; results are identical) (default: True).
@@ -206,13 +212,13 @@ class GrassAdamW(Optimizer):
     def _warn_unused(self, sampler: Any, **given: Any) -> None:
         defaults = {"temperature": C.DEFAULT_TEMPERATURE, "ema": C.DEFAULT_EMA,
                     "exploration": C.DEFAULT_EXPLORATION, "update_every": None}
-        if isinstance(self._sampler, UniformSampler):
+        if sampler == "uniform":
             used: set[str] = set()
-        elif isinstance(self._sampler, StaticSampler):
+        elif sampler == "static":
             used = {"temperature", "exploration"}
-        elif isinstance(self._sampler, GrassSampler):
+        elif sampler == "grass":
             used = set(defaults)
-        else:  # a user's sampler carries its own hyperparameters
+        else:  # a sampler object carries its own hyperparameters
             used = {"update_every"}
         for name, value in given.items():
             if name not in used and value != defaults[name]:
@@ -251,7 +257,7 @@ class GrassAdamW(Optimizer):
 
     def _check_active_layers(self, groups: list[dict[str, Any]]) -> None:
         trainable = {g[GROUP_BLOCK] for g in groups if g[GROUP_BLOCK] is not None
-                     and any(p.requires_grad for p in g["params"])}
+                     and any(is_trainable(p) for p in g["params"])}
         if self.config.active_layers > len(trainable):
             raise ValueError(f"Invalid active_layers: {self.config.active_layers} (expected an int in "
                              f"[1, {len(trainable)}]: the model has {self.partition.num_layers} blocks, "
@@ -270,9 +276,9 @@ class GrassAdamW(Optimizer):
         in_opt = {id(p) for g in self.param_groups for p in g["params"]}
         # Managed = ours to freeze and unfreeze: in the optimizer and trainable when we were built.
         # Parameters the user froze, or left out of the optimizer, are never unfrozen.
-        self._managed = [[p for p in ps if id(p) in in_opt and p.requires_grad]
+        self._managed = [[p for p in ps if id(p) in in_opt and is_trainable(p)]
                          for ps in self.partition.block_params]
-        self._managed_outside = [p for p in self.partition.outside_params if id(p) in in_opt and p.requires_grad]
+        self._managed_outside = [p for p in self.partition.outside_params if id(p) in in_opt and is_trainable(p)]
         numel = [sum(p.numel() for p in ps) for ps in self._managed]
         self._layer_numel = numel
         self._sampleable = [n > 0 for n in numel]
@@ -284,7 +290,8 @@ class GrassAdamW(Optimizer):
         self._window_count = torch.zeros(L, dtype=torch.int64, device=dev)
         self._probe_sq = torch.zeros(L, dtype=torch.float32, device=dev)
         self._probe_hits = torch.zeros(L, dtype=torch.int64, device=dev)
-        self._importance = torch.tensor([1.0 if s else 0.0 for s in self._sampleable], dtype=torch.float64)
+        # NaN: no score yet (measured neither while probing nor in any window); 0: never drawn.
+        self._importance = torch.tensor([math.nan if s else 0.0 for s in self._sampleable], dtype=torch.float64)
         self._probabilities = torch.zeros(L, dtype=torch.float64)
         self._active: tuple[int, ...] = ()
         self._hooks: list[Any] = []
@@ -319,7 +326,10 @@ class GrassAdamW(Optimizer):
 
     @property
     def importance(self) -> Tensor:
-        """Current mean-gradient-norm score of each block (float64, CPU, a copy)."""
+        """Current mean-gradient-norm score of each block (float64, CPU, a copy).
+
+        NaN for a block not measured yet; 0 for a block with no trainable parameter (never drawn).
+        """
         return self._importance.clone()
 
     @property
@@ -507,12 +517,7 @@ class GrassAdamW(Optimizer):
             self._sync_model()
 
     def _finish_probing(self) -> None:
-        mean, measured = self._take_window()
-        fill = float(mean[measured].mean()) if bool(measured.any()) else 1.0
-        s = torch.tensor(self._sampleable)
-        # A block that gave no finite measurement gets the average score: neither favoured nor starved.
-        self._importance = torch.where(measured & s, mean, torch.where(s, fill, 0.0))
-        self._probabilities = self._compute_probabilities()
+        self._refresh()  # every block measured while probing takes its probing mean as its score
         self._active = self._draw()
         self._sync_model()
 
@@ -521,8 +526,9 @@ class GrassAdamW(Optimizer):
         s = torch.tensor(self._sampleable)
         new = self._sampler.refresh(self._importance[s], mean[s], measured[s])
         new = torch.as_tensor(new, dtype=torch.float64).flatten()
-        if new.numel() != int(s.sum()) or not bool(torch.isfinite(new).all()):
-            raise RuntimeError(f"sampler.refresh returned {new.tolist()} (expected {int(s.sum())} finite scores)")
+        if new.numel() != int(s.sum()) or bool(torch.isinf(new).any()):
+            raise RuntimeError(f"sampler.refresh returned {new.tolist()} (expected {int(s.sum())} scores, "
+                               "finite or NaN for blocks without a score yet)")
         self._importance = self._importance.clone()
         self._importance[s] = new
         self._probabilities = self._compute_probabilities()
@@ -541,7 +547,12 @@ class GrassAdamW(Optimizer):
 
     def _compute_probabilities(self) -> Tensor:
         s = torch.tensor(self._sampleable)
-        p = torch.as_tensor(self._sampler.probabilities(self._importance[s]), dtype=torch.float64).flatten()
+        scores = self._importance[s]
+        known = ~torch.isnan(scores)
+        # A block without a score yet counts as average: neither favoured nor starved.
+        fill = scores[known].mean() if bool(known.any()) else torch.tensor(1.0, dtype=torch.float64)
+        scores = torch.where(known, scores, fill)
+        p = torch.as_tensor(self._sampler.probabilities(scores), dtype=torch.float64).flatten()
         if p.numel() != int(s.sum()) or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or p.sum() <= 0:
             raise RuntimeError(f"sampler.probabilities returned {p.tolist()} (expected {int(s.sum())} "
                                "finite non-negative numbers with a positive sum)")
@@ -567,14 +578,14 @@ class GrassAdamW(Optimizer):
         for i, params in enumerate(self._managed):
             on = i in active
             for p in params:
-                p.requires_grad_(on)
+                set_frozen_by_grass(p, not on)
                 if not on:
                     p.grad = None  # a frozen block holds no gradient memory
-        # Outside parameters rest while probing: nothing is updated then, so their gradients would
-        # only cost memory and compute.
-        outside_on = self.config.outside_blocks == "train" and not probing
+        # Outside parameters keep their gradients while probing (they are not updated then): a
+        # GradScaler needs some gradient to check for infs, and the low-memory hooks free the rest.
+        outside_on = self.config.outside_blocks == "train"
         for p in self._managed_outside:
-            p.requires_grad_(outside_on)
+            set_frozen_by_grass(p, not outside_on)
             if not outside_on:
                 p.grad = None
         self._measure_plan()
@@ -614,10 +625,10 @@ class GrassAdamW(Optimizer):
             STATE_ACTIVE: list(self._active),
             STATE_IMPORTANCE: self._importance.clone(),
             STATE_PROBABILITIES: self._probabilities.clone(),
-            STATE_WINDOW_SUM: self._window_sum.cpu(),
-            STATE_WINDOW_COUNT: self._window_count.cpu(),
-            STATE_PROBE_SQ: self._probe_sq.cpu(),
-            STATE_PROBE_HITS: self._probe_hits.cpu(),
+            STATE_WINDOW_SUM: self._window_sum.to("cpu", copy=True),
+            STATE_WINDOW_COUNT: self._window_count.to("cpu", copy=True),
+            STATE_PROBE_SQ: self._probe_sq.to("cpu", copy=True),
+            STATE_PROBE_HITS: self._probe_hits.to("cpu", copy=True),
             STATE_GENERATOR: self._generator.get_state(),
             STATE_SAMPLER: self._sampler.state_dict() if hasattr(self._sampler, "state_dict") else None,
             STATE_CONFIG: {f: getattr(self.config, f) for f in _SCHEDULE_FIELDS},
@@ -635,6 +646,9 @@ class GrassAdamW(Optimizer):
                              "GrassAdamW.state_dict(); to start GRASS from a plain optimizer's state, "
                              "load that into the base optimizer before wrapping it")
         g = state_dict[STATE_GRASS]
+        missing = [k for k in _REQUIRED_KEYS if k not in g]
+        if missing:
+            raise ValueError(f"Invalid state_dict: the 'grass' entry lacks {', '.join(missing)}")
         if g.get(STATE_VERSION) != _VERSION:
             raise ValueError(f"Invalid state_dict: GRASS state version {g.get(STATE_VERSION)!r} "
                              f"(this grass_optim reads version {_VERSION})")

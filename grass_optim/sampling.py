@@ -9,8 +9,10 @@ bundle them with their hyperparameters. A sampler is anything with the three met
 * ``probabilities(importance) -> Tensor``: a distribution over the blocks;
 * ``draw(probabilities, k, generator) -> Tensor``: ``k`` distinct block indices.
 
-All tensors handed to a sampler are 1-D float64 CPU tensors over the blocks that can be sampled;
-the optimizer maps indices back to block numbers. A sampler may also set ``uses_importance =
+The tensors handed to a sampler are 1-D CPU tensors over the blocks that can be sampled (float64
+scores, a bool ``measured`` mask); the optimizer maps indices back to block numbers. In
+``refresh``, a block never measured before has score NaN; ``probabilities`` always gets finite
+scores (the optimizer gives unscored blocks the mean score). A sampler may also set ``uses_importance =
 False`` (then the default ``probe_steps`` is 0) and may define ``state_dict()`` /
 ``load_state_dict()``, which the optimizer checkpoints with its own state.
 """

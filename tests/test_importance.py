@@ -191,6 +191,13 @@ def test_ema_update_edge_cases():
     assert imp.tolist() == [1.0, 2.0, 3.0]  # not in place
 
 
+def test_ema_update_first_measurement_replaces_a_missing_score():
+    imp = torch.tensor([math.nan, math.nan, 2.0], dtype=F64)
+    win = torch.tensor([0.25, 9.0, 4.0], dtype=F64)
+    out = ema_update(imp, win, torch.tensor([True, False, True]), 0.5)
+    assert out[0] == 0.25 and math.isnan(out[1]) and out[2] == 3.0
+
+
 # ------------------------------------------------------------------------------ GrassConfig validation
 GOOD = {
     "active_layers": 2, "switch_every": 50, "probe_steps": None, "update_every": None, "temperature": 1.0,

@@ -105,6 +105,20 @@ def test_layers_argument_path_and_list():
     assert part.num_layers == 5 and part.owner(model.head.weight) == 4
 
 
+def test_lists_nested_in_a_sequential_root_are_ignored():
+    class B(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+
+    assert find_layers(nn.Sequential(B(), B())).names == ("0", "1")
+
+
+def test_empty_layers_path_is_refused():
+    with pytest.raises(ValueError, match="Invalid layers: '' \\(expected a dotted path"):
+        find_layers(make_net(), "")
+
+
 def test_no_blocks_found_tells_how_to_pass_layers():
     with pytest.raises(ValueError, match=r"Could not find the repeated blocks of Linear.*layers='model.layers'"):
         find_layers(nn.Linear(2, 2))

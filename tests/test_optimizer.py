@@ -165,7 +165,7 @@ def test_optimizer_step_counts_only_active_steps():
             assert got == counts[i]
 
 
-def test_probing_updates_nothing_and_frees_gradients():
+def test_probing_updates_nothing_and_frees_block_gradients():
     model = make_net()
     opt = GrassAdamW(model, probe_steps=3, active_layers=1, seed=0)
     before = copy.deepcopy(model.state_dict())
@@ -173,16 +173,57 @@ def test_probing_updates_nothing_and_frees_gradients():
         assert opt.is_probing
         assert opt.active_layer_indices == tuple(range(L))
         assert torch.allclose(opt.probabilities, torch.full((L,), 1 / L, dtype=torch.float64))
-        assert not model.embed.weight.requires_grad and not model.head.weight.requires_grad
         opt.zero_grad()
         loss_fn(model, x, y).backward()
-        assert all(p.grad is None for p in model.parameters()), "low-memory probing frees every gradient"
+        assert all(p.grad is None for p in model.layers.parameters()), "low-memory probing frees block gradients"
+        assert model.head.weight.grad is not None, "outside parameters keep theirs (GradScaler checks them)"
         opt.step()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert not opt.is_probing
     assert len(opt.active_layer_indices) == 1
-    assert model.embed.weight.requires_grad and model.head.weight.requires_grad
+    assert torch.isfinite(opt.importance).all()
+
+
+def test_grad_scaler_works_while_probing_and_after():
+    model = make_net()
+    opt = GrassAdamW(model, probe_steps=2, active_layers=1, switch_every=2, seed=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for x, y in batches(6):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model, x, y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert opt.num_steps == 6 and torch.isfinite(opt.importance).all()
+
+
+def test_without_probing_first_measurements_are_not_mixed_with_a_placeholder():
+    model = make_net()
+    rec = _Recorder()
+    opt = GrassAdamW(model, sampler=rec, probe_steps=0, active_layers=2, switch_every=3, seed=0)
+    assert torch.isnan(opt.importance).all()
+    active = opt.active_layer_indices
+    train(model, opt, batches(3))
+    mean, _ = rec.calls[0]
+    for i in range(L):
+        if i in active:
+            assert opt.importance[i] == mean[i], "a first measurement is the score, not an average with 1.0"
+        else:
+            assert torch.isnan(opt.importance[i])
+    assert torch.isfinite(opt.probabilities).all() and math.isclose(float(opt.probabilities.sum()), 1.0)
+
+
+def test_a_second_optimizer_on_the_same_model_sees_grass_frozen_blocks_as_trainable():
+    model = make_net()
+    opt = GrassAdamW(model, active_layers=1, probe_steps=0, seed=0)
+    train(model, opt, batches(2))
+    sd = opt.state_dict()
+    again = GrassAdamW(model, active_layers=1, probe_steps=0, seed=1)
+    assert again._layer_numel == opt._layer_numel
+    again.load_state_dict(sd)
+    assert again.active_layer_indices == opt.active_layer_indices
 
 
 @pytest.mark.parametrize("low_memory", [True, False], ids=["hooks", "kept-grads"])
@@ -397,6 +438,9 @@ def test_state_dict_holds_the_whole_schedule():
                 "generator", "num_layers", "seed"):
         assert key in g
     assert g["step"] == 7 and g["active"] == list(opt.active_layer_indices)
+    window = g["window_sum"].clone()
+    train(model, opt, batches(1))
+    assert torch.equal(g["window_sum"], window), "state_dict() hands out copies of the live buffers"
 
 
 def test_load_rejects_another_model_and_changes_nothing():
@@ -405,6 +449,10 @@ def test_load_rejects_another_model_and_changes_nothing():
     before = opt.state_dict()
     with pytest.raises(ValueError, match=r"saved for a model with 5 blocks.*this optimizer has 4 blocks"):
         opt.load_state_dict(other.state_dict())
+    broken = opt.state_dict()
+    del broken["grass"]["generator"]
+    with pytest.raises(ValueError, match="the 'grass' entry lacks generator"):
+        opt.load_state_dict(broken)
     with pytest.raises(ValueError, match="has no 'grass' entry"):
         opt.load_state_dict(torch.optim.AdamW(make_net().parameters()).state_dict())
     after = opt.state_dict()

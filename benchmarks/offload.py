@@ -1,0 +1,464 @@
+"""Device memory and throughput of layer-wise training with and without optimizer-state offloading.
+
+    python benchmarks/offload.py                           # GPU: ~1B-parameter Llama, 6 methods, ~2 min on an H200
+    python benchmarks/offload.py --device cpu --quick      # tiny model, a few seconds (used by the tests)
+
+Trains a Llama-style decoder (``benchmarks/common.py``: RMSNorm, rotary attention through
+``F.scaled_dot_product_attention``, SwiGLU MLP, untied head, blocks in ``model.layers``) for a few
+steps under each method, one after the other in this process. Each method gets a fresh model built
+on the device from the same seed, and the same token batches (random ids: the content does not
+change speed or memory); the model and optimizer are deleted and the CUDA cache emptied before the
+next method. An OOM or any other error in one method is printed in its row and the next one runs.
+
+Methods:
+  adamw                   torch.optim.AdamW over all parameters (every block's state on the device)
+  lisa                    GrassAdamW(sampler="uniform"), no offloading: LISA's uniform draws
+  grass                   GrassAdamW (importance sampling), no offloading
+  grass-inactive          GrassAdamW(offload="inactive"): state of blocks not being trained is parked
+                          in pinned host memory, moved at each redraw (overlapped with compute)
+  grass-stream            GrassAdamW(offload="stream"): every block's state lives on the host between
+                          steps; step() updates the active blocks one by one, prefetching the next and
+                          writing back the previous on side streams (GRASS.md section 3)
+  grass-stream-blocking   as grass-stream with offload_overlap=False: each copy is waited for as soon as
+                          it is issued (the no-overlap baseline of the paper's 1.08x claim)
+
+All GrassAdamW runs use active_layers=2, switch_every=5 (so the active set is redrawn several times
+within the timed steps) and probe_steps=0: no probing phase, the timed steps are all ordinary
+training steps (probing measures every block and updates nothing, which is another workload).
+
+Precision: the model (master weights) is kept in fp32 and the forward runs under
+``torch.autocast(dtype=torch.bfloat16)`` on CUDA. That is the standard mixed-precision setup and
+it makes the optimizer state fp32 (torch.optim allocates state in each parameter's dtype), as it
+would be for real fine-tuning; gradients are fp32 too. ``--amp none`` runs plain fp32 (the CPU default).
+
+Columns:
+  peak GiB         torch.cuda.max_memory_allocated, reset after the model is built: weights + gradients
+                   + optimizer state + activations + temporaries, over warm-up and timed steps
+                   ("n/a" on CPU).
+  state on device  optimizer state tensors (1-d and up; AdamW's 0-d ``step`` counters excluded) on the
+                   device: ``opt.memory_report().device_state_bytes`` for GrassAdamW, summed from
+                   ``opt.state`` for AdamW; read after the last step / the largest value read after any
+                   step. For lisa and grass it grows with every newly visited block (nothing is freed);
+                   grass-stream holds one block (prefetched for the next step) between steps and two
+                   during step(), which the estimate counts.
+  est. state, est. w+g+s
+                   ``grass_optim.estimate_memory(model, active_layers=2)`` for the matching row
+                   (grass-stream-blocking uses the grass-stream row): optimizer state, and weights +
+                   gradients + state; activations not included. For lisa/grass it is the bound once
+                   every block has been visited.
+  tokens/s         batch x seq x timed steps / wall time of the timed steps (torch.cuda.synchronize before
+                   and after), after the warm-up steps; "vs grass" is the ratio to the grass row.
+  blocks           distinct blocks trained over warm-up + timed steps, and (in brackets) how many times
+                   the active set changed.
+  dθ vs grass      ||θ_method - θ_grass|| / ||θ_grass - θ_0|| after the run: 0 when a method takes exactly
+                   the same steps as grass (the offload modes should; GPU kernels such as the flash-
+                   attention backward are not bitwise deterministic, so expect tiny values there). Only
+                   for GrassAdamW methods run after grass (lisa runs before it: n/a; it would differ
+                   anyway, drawing other blocks). The JSON also says whether the draws were the same.
+
+Pinned host buffers: GrassAdamW allocates each block's pinned buffers the first time it parks it.
+Pinning gigabytes is slow, and the caching host allocator keeps freed pinned blocks, so the first
+offload method would pay for it and later ones would not. To measure the steady state equally for all,
+the benchmark first allocates and frees pinned buffers the size of all blocks' state once
+(``--no-prewarm-pinned`` turns this off; size and time are shown in the header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from common import (
+    GIB,
+    LlamaConfig,
+    build_model,
+    count_params,
+    environment,
+    fmt_bytes,
+    import_grass_optim,
+    is_cuda,
+    markdown_table,
+    synchronize,
+)
+from torch import Tensor
+
+grass_optim = import_grass_optim()
+
+# method name -> GrassAdamW arguments (None: plain torch.optim.AdamW)
+METHODS: dict[str, dict[str, Any] | None] = {
+    "adamw": None,
+    "lisa": {"sampler": "uniform", "offload": None},
+    "grass": {"sampler": "grass", "offload": None},
+    "grass-inactive": {"sampler": "grass", "offload": "inactive"},
+    "grass-stream": {"sampler": "grass", "offload": "stream"},
+    "grass-stream-blocking": {"sampler": "grass", "offload": "stream", "offload_overlap": False},
+}
+# row of estimate_memory() for each method
+ESTIMATE_ROW = {"adamw": "adamw", "lisa": "lisa", "grass": "grass", "grass-inactive": "grass-inactive",
+                "grass-stream": "grass-stream", "grass-stream-blocking": "grass-stream"}
+REFERENCE = "grass"
+
+# (GPU default, --quick default)
+DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "vocab": (32000, 256),
+    "hidden": (2048, 64),
+    "intermediate": (5632, 176),
+    "layers": (16, 4),
+    "heads": (16, 4),
+    "seq": (1024, 32),
+    "batch": (4, 2),
+    "warmup": (5, 2),
+    "steps": (40, 8),
+    "switch_every": (5, 2),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps (a smoke run, seconds on CPU)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "offload.json"),
+                   help="JSON output file (default: benchmarks/results/offload.json)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset, run in this order")
+    for name, (gpu, quick) in DEFAULTS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"default {gpu} ({quick} with --quick)")
+    p.add_argument("--active-layers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", choices=("bf16", "none"), default=None,
+                   help="bf16 autocast over fp32 master weights (default on CUDA) or plain fp32 (default on CPU)")
+    p.add_argument("--tie-embeddings", action="store_true")
+    p.add_argument("--no-prewarm-pinned", dest="prewarm_pinned", action="store_false",
+                   help="do not pre-allocate the pinned host buffers before the offload methods")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, (gpu, quick) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else gpu)
+    if args.amp is None:
+        args.amp = "bf16" if is_cuda(args.device) else "none"
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if is_cuda(args.device) and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device (use --device cpu --quick)")
+    return args
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- pieces of a run
+def model_config(args: argparse.Namespace) -> LlamaConfig:
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_layers=args.layers, num_heads=args.heads, max_seq_len=args.seq,
+                       tie_embeddings=args.tie_embeddings)
+
+
+def make_batches(args: argparse.Namespace, n: int = 4) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(args.seed + 1)
+    tokens = torch.randint(args.vocab, (n, args.batch, args.seq + 1), generator=g).to(args.device)
+    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    spec = METHODS[method]
+    if spec is None:
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return grass_optim.GrassAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
+                                  active_layers=args.active_layers, switch_every=args.switch_every,
+                                  probe_steps=0, seed=args.seed, **spec)
+
+
+def device_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Optimizer state on the device, counted as MemoryReport does (tensors of >= 1 dimension)."""
+    if isinstance(opt, grass_optim.GrassAdamW):
+        return opt.memory_report().device_state_bytes
+    return sum(v.numel() * v.element_size() for p, st in opt.state.items() for v in st.values()
+               if isinstance(v, Tensor) and v.dim() > 0 and v.device == p.device)
+
+
+def prewarm_pinned(model: torch.nn.Module) -> tuple[int, float]:
+    """Allocate and free pinned buffers shaped like every block's AdamW state (2 per parameter).
+
+    The caching host allocator keeps them, so the offload methods reuse them instead of pinning
+    new memory inside the timed steps. Returns (bytes, seconds).
+    """
+    part = grass_optim.find_layers(model)
+    t0 = time.perf_counter()
+    bufs = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+            for ps in part.block_params for p in ps for _ in range(2)]
+    nbytes = sum(b.numel() * b.element_size() for b in bufs)
+    del bufs
+    return nbytes, time.perf_counter() - t0
+
+
+class Reference:
+    """Final parameters of the reference run (on the host) and the norm of its update."""
+
+    def __init__(self) -> None:
+        self.params: list[Tensor] | None = None
+        self.update_norm: float | None = None
+        self.active_sets: list[list[int]] | None = None
+
+    def capture(self, model: torch.nn.Module, cfg: LlamaConfig, args: argparse.Namespace,
+                active_sets: list[list[int]]) -> None:
+        self.params = [p.detach().to("cpu", copy=True) for p in model.parameters()]
+        init = build_model(cfg, args.device, args.seed)  # theta_0, rebuilt deterministically
+        sq = sum(float((p.detach().double() - q.detach().double()).pow(2).sum())
+                 for p, q in zip(model.parameters(), init.parameters(), strict=True))
+        del init
+        self.update_norm = math.sqrt(sq)
+        self.active_sets = active_sets
+
+    def deviation(self, model: torch.nn.Module) -> float | None:
+        if self.params is None or not self.update_norm:
+            return None
+        sq = sum(float((p.detach().double() - q.to(p.device).double()).pow(2).sum())
+                 for p, q in zip(model.parameters(), self.params, strict=True))
+        return math.sqrt(sq) / self.update_norm
+
+
+def run_method(method: str, cfg: LlamaConfig, args: argparse.Namespace, batches: list[tuple[Tensor, Tensor]],
+               ref: Reference, row: dict[str, Any]) -> None:
+    """Train one method and fill ``row``; exceptions propagate to the caller (which records them)."""
+    dev = args.device
+    cuda = is_cuda(dev)
+    amp = (torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16)
+           if args.amp == "bf16" else nullcontext())
+    t_build = time.perf_counter()
+    model = build_model(cfg, dev, args.seed)
+    synchronize(dev)
+    row["build_s"] = time.perf_counter() - t_build
+    if cuda:
+        row["allocated_after_build_bytes"] = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    opt = make_optimizer(method, model, args)
+    grass = isinstance(opt, grass_optim.GrassAdamW)
+
+    active_sets: list[list[int]] = []
+    state_max = 0
+    total = args.warmup + args.steps
+    loss = None
+    t0 = t_start = time.perf_counter()
+    for i in range(total):
+        if i == args.warmup:
+            synchronize(dev)
+            t0 = time.perf_counter()
+            row["warmup_s"] = t0 - t_start
+        if grass:
+            current = list(opt.active_layer_indices)
+            if not active_sets or active_sets[-1] != current:
+                active_sets.append(current)
+        x, y = batches[i % len(batches)]
+        with amp:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        del logits
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state_max = max(state_max, device_state_bytes(opt))  # reads sizes only: no synchronisation
+    synchronize(dev)
+    elapsed = time.perf_counter() - t0
+    if args.warmup == 0:
+        row["warmup_s"] = 0.0
+
+    row["peak_bytes"] = torch.cuda.max_memory_allocated(dev) if cuda else None
+    row["device_state_bytes"] = device_state_bytes(opt)
+    row["device_state_bytes_max"] = state_max
+    row["timed_s"] = elapsed
+    row["step_ms"] = 1000 * elapsed / args.steps
+    row["tokens_per_s"] = args.steps * args.batch * args.seq / elapsed
+    row["final_loss"] = float(loss.detach()) if loss is not None else None
+    if grass:
+        rep = opt.memory_report()
+        row["memory_report"] = rep.as_dict()
+        row["active_sets"] = active_sets
+        row["blocks_trained"] = len({b for s in active_sets for b in s})
+        row["redraws"] = len(active_sets) - 1
+        row["same_draws_as_grass"] = None if ref.active_sets is None else active_sets == ref.active_sets
+    else:
+        row["blocks_trained"] = cfg.num_layers
+    if method == REFERENCE:
+        ref.capture(model, cfg, args, active_sets)
+        row["deviation_vs_grass"] = 0.0
+    elif grass:
+        row["deviation_vs_grass"] = ref.deviation(model)
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    ref_tps = next((r["tokens_per_s"] for r in rows if r["method"] == REFERENCE), None)
+    for r in rows:
+        r["ratio_vs_grass"] = r["tokens_per_s"] / ref_tps if r["tokens_per_s"] and ref_tps else None
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every method; the JSON file is rewritten after each one (``complete`` false until the end),
+    so a run cut short by a timeout still leaves the rows it finished."""
+    out = Path(args.out)
+    cfg = model_config(args)
+    with torch.device("meta"):
+        meta = build_model(cfg, "meta", args.seed)
+    est = grass_optim.estimate_memory(meta, active_layers=args.active_layers)
+    part = grass_optim.find_layers(meta)
+    blocks = part.names[0].rsplit(".", 1)[0] + f"[{part.num_layers}]"  # "layers[16]"
+    info: dict[str, Any] = {
+        "environment": environment(args.device),
+        "model": {**cfg.as_dict(), "params": count_params(meta), "block_params": list(est.block_numel),
+                  "outside_params": est.outside_numel, "blocks": blocks},
+        "run": {"batch": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq,
+                "warmup_steps": args.warmup, "timed_steps": args.steps, "active_layers": args.active_layers,
+                "switch_every": args.switch_every, "probe_steps": 0, "lr": args.lr,
+                "weight_decay": args.weight_decay, "seed": args.seed,
+                "precision": ("fp32 master weights/grads/optimizer state, bf16 autocast" if args.amp == "bf16"
+                              else "fp32"),
+                "methods": args.methods},
+        "estimate": {"rows": est.rows, "outside_dominates": est.outside_dominates},
+        "prewarm_pinned": None,
+    }
+    if args.prewarm_pinned and is_cuda(args.device) and any(
+            (METHODS[m] or {}).get("offload") for m in args.methods):
+        try:
+            nbytes, secs = prewarm_pinned(meta)
+            info["prewarm_pinned"] = {"bytes": nbytes, "seconds": secs}
+        except Exception as err:  # not worth losing the run over
+            info["prewarm_pinned"] = {"error": f"{type(err).__name__}: {err}"}
+    del meta
+    print_header(info)
+
+    batches = make_batches(args)
+    ref = Reference()
+    rows = []
+    for method in args.methods:
+        row: dict[str, Any] = {"method": method, "peak_bytes": None, "device_state_bytes": None,
+                               "device_state_bytes_max": None, "tokens_per_s": None,
+                               "estimate": est.rows[ESTIMATE_ROW[method]], "error": None}
+        if is_cuda(args.device):
+            row["allocated_before_bytes"] = torch.cuda.memory_allocated(args.device)
+        log(f"[{method}] running ...")
+        t = time.perf_counter()
+        try:
+            run_method(method, cfg, args, batches, ref, row)
+        except Exception as err:  # an OOM or a bug in one method must not hide the others
+            row["error"] = f"{type(err).__name__}: {err}"
+            row["traceback"] = traceback.format_exc()
+            log(row["traceback"])
+        gc.collect()
+        if is_cuda(args.device):
+            torch.cuda.empty_cache()
+        row["wall_s"] = time.perf_counter() - t
+        tps = row["tokens_per_s"]
+        log(f"[{method}] done in {row['wall_s']:.1f} s" + (f": {tps:,.0f} tokens/s" if tps else "")
+            + (f" -- {row['error'].splitlines()[0]}" if row["error"] else ""))
+        rows.append(row)
+        add_ratios(rows)
+        write_json(out, {**info, "complete": False, "rows": rows})
+    return {**info, "complete": True, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- output
+def print_header(info: dict[str, Any]) -> None:
+    env, m, run = info["environment"], info["model"], info["run"]
+    name = env["device_name"] or "CPU"
+    print("## GRASS optimizer-state offloading benchmark\n")
+    print(f"- date: {env['date']}")
+    print(f"- device: {env['device']} ({name}); torch {env['torch']} (CUDA {env['cuda']}); python {env['python']}; "
+          f"grass_optim {env['grass_optim']} (git {env['git']})")
+    print(f"- model: Llama-style decoder, {m['params'] / 1e6:,.1f} M params: vocab {m['vocab_size']}, hidden "
+          f"{m['hidden_size']}, intermediate {m['intermediate_size']}, {m['num_layers']} layers x "
+          f"{m['num_heads']} heads, {'tied' if m['tie_embeddings'] else 'untied'} embeddings; blocks "
+          f"{m['blocks']} of {m['block_params'][0] / 1e6:,.2f} M params, {m['outside_params'] / 1e6:,.2f} M outside")
+    print(f"- precision: {run['precision']}")
+    print(f"- run: batch {run['batch']} x seq {run['seq']} = {run['tokens_per_step']} tokens/step; "
+          f"{run['warmup_steps']} warm-up + {run['timed_steps']} timed steps; AdamW lr {run['lr']}, "
+          f"weight decay {run['weight_decay']}; GrassAdamW active_layers={run['active_layers']}, "
+          f"switch_every={run['switch_every']}, probe_steps=0 (no probing in the timed runs), seed {run['seed']}")
+    pre = info["prewarm_pinned"]
+    if pre is not None:
+        print("- pinned host buffers for every block's state pre-allocated (then freed into the caching host "
+              "allocator) before the runs: " + (f"{pre['bytes'] / GIB:.2f} GiB in {pre['seconds']:.1f} s"
+                                                 if "bytes" in pre else f"failed: {pre['error']}"))
+    if info["estimate"]["outside_dominates"]:
+        print("- note: the always-trained parameters outside the blocks (embeddings, head) outnumber those of "
+              "the active blocks, so they dominate the layer-wise methods' gradients and state")
+    print(flush=True)
+
+
+def table(result: dict[str, Any], unit: str = "GiB") -> str:
+    def b(nbytes: float | None, digits: int = 2) -> str:
+        return fmt_bytes(nbytes, unit, digits)
+
+    header = ["method", f"peak {unit}", f"state on device {unit} (end / max)", f"est. state {unit}",
+              f"est. w+g+s {unit}", "tokens/s", "vs grass", "blocks (redraws)", "dθ vs grass", "notes"]
+    out = []
+    for r in result["rows"]:
+        est = r["estimate"]
+        if r["error"]:
+            first = r["error"].splitlines()[0]
+            out.append([r["method"], "—", "—", b(est["optimizer_state"], 3), b(est["total"]), "—", "—",
+                        "—", "—", f"ERROR {first[:200]}"])
+            continue
+        redraws = f" ({r['redraws']})" if "redraws" in r else ""
+        dev = r.get("deviation_vs_grass")
+        notes = []
+        if r.get("same_draws_as_grass") is False:
+            notes.append("other draws than grass")
+        out.append([
+            r["method"],
+            b(r["peak_bytes"]),
+            f"{b(r['device_state_bytes'], 3)} / {b(r['device_state_bytes_max'], 3)}",
+            b(est["optimizer_state"], 3),
+            b(est["total"]),
+            f"{r['tokens_per_s']:,.0f}",
+            "n/a" if r["ratio_vs_grass"] is None else f"{r['ratio_vs_grass']:.3f}",
+            f"{r['blocks_trained']}{redraws}",
+            "n/a" if dev is None else f"{dev:.2e}",
+            "; ".join(notes),
+        ])
+    return markdown_table(header, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if not is_cuda(args.device) and args.quick:
+        # The tiny model gains nothing from threads, and a busy machine makes them spin: 100x slower.
+        torch.set_num_threads(1)
+    if not is_cuda(args.device) and not args.quick:
+        log("warning: the full-size model on CPU is very slow; use --quick for a smoke run")
+    result = run_all(args)
+    print(table(result, "MiB" if args.quick else "GiB"), flush=True)
+    write_json(Path(args.out), result)
+    print(f"\nJSON: {args.out}")
+    return 0 if all(r["error"] is None for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
