@@ -158,10 +158,14 @@ class GrassSampler(Sampler):
 
 
 class StaticSampler(GrassSampler):
-    """"Static GRASS" (the paper's ablation): the probing scores, never refreshed."""
+    """"Static GRASS" (the paper's ablation): the probing scores, never refreshed.
+
+    A block gets its score from its first measurement (the probing window, or its first training
+    window if it was not measured while probing) and keeps it.
+    """
 
     def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
-        return importance
+        return torch.where(torch.isnan(importance) & measured, window_mean, importance)
 
 
 class UniformSampler(Sampler):

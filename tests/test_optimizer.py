@@ -185,6 +185,17 @@ def test_probing_updates_nothing_and_frees_block_gradients():
     assert torch.isfinite(opt.importance).all()
 
 
+def test_static_sampler_keeps_the_probing_scores():
+    model = make_net()
+    opt = GrassAdamW(model, sampler="static", probe_steps=3, active_layers=1, switch_every=2, seed=0)
+    train(model, opt, batches(3))
+    probed = opt.importance
+    assert torch.isfinite(probed).all()
+    assert not torch.allclose(opt.probabilities, torch.full((L,), 1 / L, dtype=torch.float64))
+    train(model, opt, batches(10, seed=5))
+    assert torch.equal(opt.importance, probed)
+
+
 def test_grad_scaler_works_while_probing_and_after():
     model = make_net()
     opt = GrassAdamW(model, probe_steps=2, active_layers=1, switch_every=2, seed=0)

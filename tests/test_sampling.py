@@ -383,6 +383,12 @@ def test_static_refresh_never_changes_scores(importance, data):
     assert torch.equal(Sampler().refresh(imp.clone(), window, measured), imp)
 
 
+def test_static_refresh_adopts_only_a_first_measurement():
+    imp = torch.tensor([math.nan, math.nan, 2.0], dtype=F64)
+    out = StaticSampler().refresh(imp, torch.tensor([5.0, 6.0, 7.0], dtype=F64), torch.tensor([True, False, True]))
+    assert out[0] == 5.0 and math.isnan(out[1]) and out[2] == 2.0
+
+
 @FAST
 @given(st.lists(st.floats(0.0, 1e3), min_size=1, max_size=32), st.data(), st.floats(1e-6, 1.0))
 def test_grass_refresh_is_ema_on_measured_only(importance, data, ema):
