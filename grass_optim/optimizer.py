@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import config as C
+from . import distributed as D
 from .importance import accumulate_window, block_grad_rms, block_sq_norms, foreach_norms, window_mean
 from .layers import LayerPartition, find_layers, is_trainable, set_frozen_by_grass
 from .memory import MemoryReport
@@ -135,7 +136,8 @@ class GrassAdamW(Optimizer):
             (default: "train").
         probe_low_memory (bool, optional): while probing, reduce each gradient to its squared norm
             as soon as backward produces it and free it, so probing never holds all gradients at
-            once (default: True). See ``docs/algorithm.md`` for when to turn it off.
+            once (default: True). See ``docs/algorithm.md`` for when to turn it off. Not used in
+            multi-process runs, where DDP/FSDP2 own the gradients.
         offload (bool or str, optional): where the blocks' optimizer state lives. ``None``/``False``:
             where the base optimizer puts it. ``"inactive"`` (or ``True``): states of blocks not
             being trained are parked in pinned host memory; a redraw writes the leaving blocks back
@@ -149,7 +151,13 @@ class GrassAdamW(Optimizer):
         layers (str or list of nn.Module, optional): the blocks; ``None`` auto-detects them, a
             dotted path names their container, a list gives them (default: None).
         seed (int, optional): seed of the optimizer's own ``torch.Generator``; ``None`` derives it
-            from ``torch.initial_seed()`` without consuming the global RNG (default: None).
+            from ``torch.initial_seed()`` without consuming the global RNG, and in a multi-process
+            run takes rank 0's (default: None).
+        distributed_checks (bool, optional): in a multi-process run, check at every redraw that all
+            ranks drew the same blocks, and at every refresh that the active blocks' gradient norms
+            agree (they do when DDP or FSDP2 synchronises the gradients); a mismatch raises
+            ``RuntimeError`` instead of letting the ranks diverge silently. Turn off only when the
+            ranks do not train one data-parallel model (default: True).
         **optimizer_kwargs: further arguments for the built optimizer (e.g. ``amsgrad=True``).
     """
 
@@ -165,7 +173,7 @@ class GrassAdamW(Optimizer):
                  offload: bool | str | None = C.DEFAULT_OFFLOAD,
                  offload_overlap: bool = C.DEFAULT_OFFLOAD_OVERLAP,
                  layers: str | Sequence[nn.Module] | None = None, seed: int | None = None,
-                 **optimizer_kwargs: Any) -> None:
+                 distributed_checks: bool = True, **optimizer_kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"GrassAdamW needs the model (an nn.Module) to find its layers, got "
@@ -182,7 +190,9 @@ class GrassAdamW(Optimizer):
                           update_every=update_every)
         if seed is not None:
             C.check_int("seed", seed, 0)
+        C.check_bool("distributed_checks", distributed_checks)
         self.partition = find_layers(model, layers)
+        D.check_ddp(model, [p for ps in self.partition.block_params for p in ps if is_trainable(p)])
         adamw_kwargs = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         self.base_optimizer = self._build_base(model, base_optimizer, adamw_kwargs, optimizer_kwargs)
 
@@ -197,7 +207,22 @@ class GrassAdamW(Optimizer):
         self._init_bookkeeping()
         self._offloader = (StateOffloader(self._device, overlap=self.config.offload_overlap)
                            if self.config.offload else None)
+        self._check_ranks = distributed_checks and D.is_distributed()
+        # Multi-process: DDP's buckets already hold every registered gradient and write the averaged
+        # ones back after backward (hooks would see local, un-averaged values), and FSDP2 sets the
+        # sharded gradients outside autograd. Probing then measures in step(), like training.
+        self._probe_hooks = self.config.probe_low_memory and not D.is_distributed()
+        # Multi-process: DDP registers the parameters that require grad when it is built, and may be
+        # built after this optimizer. Freezing waits until the first step() so that it registers
+        # every block (its buckets hold every registered gradient anyway); that step's gradients of
+        # inactive blocks are dropped before the update.
+        self._defer_freeze = D.is_distributed()
         self._seed = int(seed) if seed is not None else torch.initial_seed() % (2**63)
+        if D.is_distributed():
+            if seed is None:
+                self._seed = D.broadcast_seed(self._seed)
+            elif self._check_ranks:
+                D.same_on_all_ranks(torch.tensor([self._seed]), "seed", hint="Pass the same seed on every rank.")
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self._seed)
         self._step = 0
@@ -282,6 +307,11 @@ class GrassAdamW(Optimizer):
         numel = [sum(p.numel() for p in ps) for ps in self._managed]
         self._layer_numel = numel
         self._sampleable = [n > 0 for n in numel]
+        self._sharded = any(D.is_sharded(p) for ps in self._managed for p in ps)
+        if self._sharded and self.config.offload is not None:
+            raise ValueError(f"Invalid offload: {self.config.offload!r} with sharded (FSDP2/DTensor) parameters: "
+                             "offloading sharded optimizer state is not supported yet; use offload=None "
+                             "(FSDP2 already divides the state across ranks)")
         first = next((p for ps in self._managed for p in ps), None)
         self._device = first.device if first is not None else torch.device("cpu")
         dev = self._device
@@ -373,6 +403,8 @@ class GrassAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._measure()
+        if self._defer_freeze:
+            self._drop_inactive_grads()
         resident = self._resident()
         if self.config.offload == "stream" and not self.is_probing:
             self._stream_update()
@@ -383,9 +415,20 @@ class GrassAdamW(Optimizer):
                     self._offloader.wait(i)  # the update reads states a prefetch may still be writing
             self.base_optimizer.step()
         self._step += 1
+        if self._defer_freeze:
+            self._defer_freeze = False
+            self._sync_model()
         self._advance_schedule()
         self._move_states(resident, self._resident())
         return loss
+
+    def _drop_inactive_grads(self) -> None:
+        """Gradients of blocks computed while they were inactive never reach the update."""
+        active = set(self.active_layer_indices)
+        for i, params in enumerate(self._managed):
+            if i not in active:
+                for p in params:
+                    p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -472,15 +515,20 @@ class GrassAdamW(Optimizer):
     def _measure(self) -> None:
         """Add this step's per-block gradient RMS to the window; no host synchronisation."""
         L = self.num_layers
-        if self.is_probing and self.config.probe_low_memory:
+        if self.is_probing and self._probe_hooks:
             # The hooks already reduced each gradient to its squared norm during backward.
-            sq, measured = self._probe_sq.clone(), self._probe_hits > 0
+            sq, hits = self._probe_sq.clone(), self._probe_hits.clone()
             self._probe_sq.zero_()
             self._probe_hits.zero_()
+            if self._sharded:
+                D.sum_over_ranks(hits)
         else:
             grads, index = self._gathered_grads()
-            sq = block_sq_norms(grads, index, L)
-            measured = torch.zeros(L, dtype=torch.bool, device=self._device).index_fill_(0, index, True)
+            sq = block_sq_norms([D.local(g) for g in grads], index, L)
+            hits = torch.zeros(L, dtype=torch.int64, device=self._device).index_fill_(0, index, 1)
+        if self._sharded:
+            D.sum_over_ranks(sq)  # each rank holds a shard: a block's norm is global, not per-shard
+        measured = hits > 0
         accumulate_window(self._window_sum, self._window_count, block_grad_rms(sq, self._numel), measured)
 
     def _gathered_grads(self) -> tuple[list[Tensor], Tensor]:
@@ -537,6 +585,10 @@ class GrassAdamW(Optimizer):
         """Mean RMS and measured mask of the window (read back to the host), then reset it."""
         mean = window_mean(self._window_sum, self._window_count).to("cpu", torch.float64)
         measured = (self._window_count > 0).cpu()
+        if self._check_ranks:
+            # Data-parallel ranks see the same averaged gradients, so the same norms.
+            D.same_on_all_ranks(torch.where(measured, mean, 0.0), "the gradient norms of the trained blocks",
+                                rtol=1e-5, hint=D.DDP_HINT)
         self._window_sum.zero_()
         self._window_count.zero_()
         return mean, measured
@@ -568,11 +620,18 @@ class GrassAdamW(Optimizer):
         if len(picked) != k or len(set(picked)) != k or not all(0 <= i < len(sampleable) for i in picked):
             raise RuntimeError(f"sampler.draw returned {picked} (expected {k} distinct indices in "
                                f"[0, {len(sampleable)}))")
-        return tuple(sorted(sampleable[i] for i in picked))
+        active = tuple(sorted(sampleable[i] for i in picked))
+        if self._check_ranks:
+            D.same_on_all_ranks(torch.tensor(active), "the active set",
+                                hint="Give GrassAdamW the same seed and settings on every rank.")
+        return active
 
     # ------------------------------------------------------------------ freezing
     def _sync_model(self) -> None:
         """Make the model's requires_grad (and the probing hooks) match the current phase."""
+        self._measure_plan()
+        if self._defer_freeze:
+            return
         probing = self.is_probing
         active = set(self.active_layer_indices)
         for i, params in enumerate(self._managed):
@@ -588,8 +647,7 @@ class GrassAdamW(Optimizer):
             set_frozen_by_grass(p, not outside_on)
             if not outside_on:
                 p.grad = None
-        self._measure_plan()
-        want_hooks = probing and self.config.probe_low_memory
+        want_hooks = probing and self._probe_hooks
         if want_hooks and not self._hooks:
             self._install_probe_hooks()
         elif not want_hooks and self._hooks:
@@ -735,7 +793,7 @@ def _probe_hook(sq_view: Tensor, hit_view: Tensor) -> Callable[[Tensor], None]:
         if grad is None:
             return
         g = grad.coalesce().values() if grad.is_sparse else grad
-        sq_view.add_(foreach_norms([g])[0].to(sq_view.device, torch.float32).square())
+        sq_view.add_(foreach_norms([D.local(g)])[0].to(sq_view.device, torch.float32).square())
         hit_view.add_(1)
         param.grad = None
     return hook

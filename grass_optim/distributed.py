@@ -1,0 +1,100 @@
+"""Multi-process training: one schedule on every rank, global norms of sharded gradients, and the
+checks that turn DDP's silent failure modes into clear errors.
+
+Nothing here runs unless ``torch.distributed`` is initialised with more than one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["check_ddp", "is_distributed", "is_sharded", "local", "same_on_all_ranks", "sum_over_ranks"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _device() -> torch.device:
+    """Where collectives of the default group can run (NCCL only takes CUDA tensors)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_seed(seed: int) -> int:
+    """Rank 0's seed, on every rank: the active sets then agree by construction."""
+    t = torch.tensor([seed], dtype=torch.int64, device=_device())
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def same_on_all_ranks(values: Tensor, what: str, *, rtol: float = 0.0, hint: str = "") -> None:
+    """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's.
+
+    One ``all_gather`` of a few numbers; called only on steps that already synchronise.
+    """
+    v = values.detach().to(_device(), torch.float64).flatten()
+    gathered = [torch.empty_like(v) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, v)
+    ref = gathered[0].cpu()
+    for rank, other in enumerate(gathered[1:], start=1):
+        other = other.cpu()
+        same = torch.allclose(other, ref, rtol=rtol, atol=0.0, equal_nan=True)
+        if not same:
+            raise RuntimeError(f"GrassAdamW: ranks disagree on {what}: rank 0 has {ref.tolist()}, rank "
+                               f"{rank} has {other.tolist()}. {hint}".rstrip())
+
+
+def is_sharded(t: Tensor) -> bool:
+    """True for a DTensor with a sharded placement (FSDP2's ``fully_shard`` parameters)."""
+    placements = getattr(t, "placements", None)
+    return placements is not None and any(p.is_shard() for p in placements)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def sum_over_ranks(t: Tensor) -> Tensor:
+    """In-place all-reduce (sum) over the default group: per-block sums of squares of shards."""
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        raise RuntimeError("GrassAdamW: sharded parameters on the CPU with an NCCL process group")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+DDP_HINT = ("Their gradients are not averaged across ranks. Wrap the model in DistributedDataParallel "
+            "while every parameter requires grad (before GrassAdamW freezes blocks, or while it is "
+            "probing), with find_unused_parameters=True, and give the same seed on every rank. If the "
+            "ranks do not train one data-parallel model, pass distributed_checks=False.")
+
+
+def check_ddp(model: nn.Module, managed: list[Tensor]) -> None:
+    """Refuse a DDP wrapper that cannot train blocks frozen and unfrozen by turns.
+
+    DDP registers the parameters that require grad *when it is built*: one frozen then is never
+    all-reduced after it is unfrozen (the ranks silently diverge); and with
+    ``find_unused_parameters=False`` a block frozen later makes the next iteration fail with
+    "Expected to have finished reduction", after a step whose gradients were not averaged.
+    """
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return
+    if not model.find_unused_parameters or getattr(model, "static_graph", False):
+        raise ValueError(
+            "Invalid model: DistributedDataParallel with find_unused_parameters=False (or static_graph=True) "
+            "cannot train blocks that GrassAdamW freezes and unfreezes (DDP would wait for gradients of frozen "
+            "blocks). Build it with DistributedDataParallel(model, find_unused_parameters=True)")
+    registered: Any = getattr(model, "_module_parameters", None)
+    if registered is None:
+        return
+    ids = {id(p) for p in registered}
+    missing = sum(1 for p in managed if id(p) not in ids)
+    if missing:
+        raise ValueError(f"Invalid model: DistributedDataParallel was built while {missing} parameters of "
+                         f"the blocks were frozen, so it would never all-reduce them. {DDP_HINT}")
