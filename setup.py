@@ -21,7 +21,6 @@ setup(
         "test": TEST,
         "examples": EXAMPLES,
         "integrations": INTEGRATIONS,
-        "plot": ["matplotlib"],
         "all": sorted(set(TEST + EXAMPLES + INTEGRATIONS)),
         "dev": sorted(set(TEST + EXAMPLES + INTEGRATIONS + ["ruff", "mypy"])),
     },
