@@ -158,6 +158,9 @@ class GrassAdamW(Optimizer):
             agree (they do when DDP or FSDP2 synchronises the gradients); a mismatch raises
             ``RuntimeError`` instead of letting the ranks diverge silently. Turn off only when the
             ranks do not train one data-parallel model (default: True).
+        grad_scaler (torch.amp.GradScaler, optional): the scaler used with this optimizer, if any.
+            Only needed with ``probe_low_memory=True``: the probing hooks see gradients before the
+            scaler unscales them, and divide their squared norms by its scale (default: None).
         **optimizer_kwargs: further arguments for the built optimizer (e.g. ``amsgrad=True``).
     """
 
@@ -173,7 +176,7 @@ class GrassAdamW(Optimizer):
                  offload: bool | str | None = C.DEFAULT_OFFLOAD,
                  offload_overlap: bool = C.DEFAULT_OFFLOAD_OVERLAP,
                  layers: str | Sequence[nn.Module] | None = None, seed: int | None = None,
-                 distributed_checks: bool = True, **optimizer_kwargs: Any) -> None:
+                 distributed_checks: bool = True, grad_scaler: Any = None, **optimizer_kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"GrassAdamW needs the model (an nn.Module) to find its layers, got "
@@ -191,6 +194,10 @@ class GrassAdamW(Optimizer):
         if seed is not None:
             C.check_int("seed", seed, 0)
         C.check_bool("distributed_checks", distributed_checks)
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError(f"Invalid grad_scaler: {type(grad_scaler).__name__} (expected None or a "
+                            "torch.amp.GradScaler)")
+        self._grad_scaler = grad_scaler
         self.partition = find_layers(model, layers)
         D.check_ddp(model, [p for ps in self.partition.block_params for p in ps if is_trainable(p)])
         adamw_kwargs = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
@@ -432,6 +439,10 @@ class GrassAdamW(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        # The probing sums belong to the gradients just cleared: a step that a GradScaler skipped
+        # (it never called step()) must not leave them to the next one.
+        self._probe_sq.zero_()
+        self._probe_hits.zero_()
 
     def _stream_update(self) -> None:
         """The layer-wise pipeline: update block i while i+1 is prefetched and i-1 written back."""
@@ -520,6 +531,8 @@ class GrassAdamW(Optimizer):
             sq, hits = self._probe_sq.clone(), self._probe_hits.clone()
             self._probe_sq.zero_()
             self._probe_hits.zero_()
+            if self._grad_scaler is not None:
+                sq = sq / self._loss_scale(sq.device).square()
             if self._sharded:
                 D.sum_over_ranks(hits)
         else:
@@ -530,6 +543,13 @@ class GrassAdamW(Optimizer):
             D.sum_over_ranks(sq)  # each rank holds a shard: a block's norm is global, not per-shard
         measured = hits > 0
         accumulate_window(self._window_sum, self._window_count, block_grad_rms(sq, self._numel), measured)
+
+    def _loss_scale(self, device: torch.device) -> Tensor:
+        """The GradScaler's current scale as a tensor; its own tensor when it has one (no sync)."""
+        scale = getattr(self._grad_scaler, "_scale", None)
+        if isinstance(scale, Tensor):
+            return scale.to(device, torch.float32)
+        return torch.tensor(float(self._grad_scaler.get_scale()), device=device)
 
     def _gathered_grads(self) -> tuple[list[Tensor], Tensor]:
         _, params, index, owners_cpu = self._measure_plan()
