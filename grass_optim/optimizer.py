@@ -194,9 +194,7 @@ class GrassAdamW(Optimizer):
         if seed is not None:
             C.check_int("seed", seed, 0)
         C.check_bool("distributed_checks", distributed_checks)
-        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
-            raise TypeError(f"Invalid grad_scaler: {type(grad_scaler).__name__} (expected None or a "
-                            "torch.amp.GradScaler)")
+        _check_grad_scaler(grad_scaler)
         self._grad_scaler = grad_scaler
         self.partition = find_layers(model, layers)
         D.check_ddp(model, [p for ps in self.partition.block_params for p in ps if is_trainable(p)])
@@ -385,6 +383,17 @@ class GrassAdamW(Optimizer):
         return self._step < self.config.probe_steps
 
     @property
+    def grad_scaler(self) -> Any:
+        """The GradScaler whose scale the probing hooks divide out (settable, e.g. once a trainer
+        has created its scaler)."""
+        return self._grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler: Any) -> None:
+        _check_grad_scaler(scaler)
+        self._grad_scaler = scaler
+
+    @property
     def sampler(self) -> Sampler:
         return self._sampler
 
@@ -409,6 +418,7 @@ class GrassAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_device()
         self._measure()
         if self._defer_freeze:
             self._drop_inactive_grads()
@@ -428,6 +438,27 @@ class GrassAdamW(Optimizer):
         self._advance_schedule()
         self._move_states(resident, self._resident())
         return loss
+
+    def _follow_device(self) -> None:
+        """Move the bookkeeping to the blocks' device if the model moved after construction (e.g.
+        a trainer calling ``model.to(device)`` after the optimizer was built)."""
+        first = next((p for ps in self._managed for p in ps), None)
+        if first is None or first.device == self._device:
+            return
+        if self._offloader is not None and self._offloader.host_buffer_bytes:
+            raise RuntimeError(f"GrassAdamW: the model moved from {self._device} to {first.device} after "
+                               "optimizer state was offloaded; build the optimizer after moving the model")
+        self._device = first.device
+        for name in ("_numel", "_window_sum", "_window_count", "_probe_sq", "_probe_hits"):
+            setattr(self, name, getattr(self, name).to(self._device))
+        if self._offloader is not None:
+            self._offloader = StateOffloader(self._device, overlap=self.config.offload_overlap)
+        if self._hooks:  # they hold views of the old buffers
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._install_probe_hooks()
+        self._measure_cache = None
 
     def _drop_inactive_grads(self) -> None:
         """Gradients of blocks computed while they were inactive never reach the update."""
@@ -800,6 +831,11 @@ class GrassAdamW(Optimizer):
                 saved[key] = entry
                 parked[id(p)] = moved
         return saved, parked
+
+
+def _check_grad_scaler(scaler: Any) -> None:
+    if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+        raise TypeError(f"Invalid grad_scaler: {type(scaler).__name__} (expected None or a torch.amp.GradScaler)")
 
 
 def _probe_hook(sq_view: Tensor, hit_view: Tensor) -> Callable[[Tensor], None]:

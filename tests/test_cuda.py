@@ -180,3 +180,24 @@ def test_low_memory_probing_never_holds_all_gradients():
         opt.zero_grad()
         del opt, model
     assert peaks[True] < peaks[False] - grads_bytes // 2
+
+
+@pytest.mark.parametrize("mode", [None, "inactive"])
+def test_model_moved_to_cuda_after_the_optimizer_was_built(mode):
+    """Trainers often call model.to(device) after the optimizer exists: the bookkeeping follows."""
+    torch.manual_seed(0)
+    ref = WideNet().cuda()
+    ref_opt = GrassAdamW(ref, active_layers=2, switch_every=3, probe_steps=2, offload=mode, seed=0)
+    torch.manual_seed(0)
+    model = WideNet()
+    opt = GrassAdamW(model, active_layers=2, switch_every=3, probe_steps=2, offload=mode, seed=0)
+    model.cuda()
+    for m, o in ((ref, ref_opt), (model, opt)):
+        for x, y in _data(10):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+    torch.cuda.synchronize()
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt._device.type == "cuda"

@@ -519,6 +519,9 @@ ERROR_CASES = [
     ("base-class-bad-kwarg", lambda m: GrassAdamW(m, torch.optim.SGD, lr=0.1, betas=(0.9, 0.9)), TypeError,
      "Invalid arguments for base_optimizer=SGD"),
     ("lr-negative", lambda m: GrassAdamW(m, lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
+    ("grad-scaler", lambda m: GrassAdamW(m, grad_scaler=1.0), TypeError, "Invalid grad_scaler: float"),
+    ("distributed-checks", lambda m: GrassAdamW(m, distributed_checks="yes"), TypeError,
+     "Invalid distributed_checks: 'yes'"),
 ]
 
 
