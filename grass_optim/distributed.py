@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .layers import is_trainable
+
 __all__ = ["check_ddp", "is_distributed", "is_sharded", "local", "same_on_all_ranks", "sum_over_ranks"]
 
 
@@ -90,11 +92,14 @@ def check_ddp(model: nn.Module, managed: list[Tensor]) -> None:
             "Invalid model: DistributedDataParallel with find_unused_parameters=False (or static_graph=True) "
             "cannot train blocks that GrassAdamW freezes and unfreezes (DDP would wait for gradients of frozen "
             "blocks). Build it with DistributedDataParallel(model, find_unused_parameters=True)")
-    registered: Any = getattr(model, "_module_parameters", None)
+    # DDP's reducer registers only the parameters that required grad when DDP was built.
+    logging_data: Any = getattr(model, "_get_ddp_logging_data", None)
+    registered = logging_data().get("num_parameter_tensors") if callable(logging_data) else None
     if registered is None:
         return
-    ids = {id(p) for p in registered}
-    missing = sum(1 for p in managed if id(p) not in ids)
-    if missing:
-        raise ValueError(f"Invalid model: DistributedDataParallel was built while {missing} parameters of "
-                         f"the blocks were frozen, so it would never all-reduce them. {DDP_HINT}")
+    ignored = getattr(model, "parameters_to_ignore", set())
+    wanted = {id(p) for n, p in model.module.named_parameters() if n not in ignored and is_trainable(p)}
+    if registered < len(wanted):
+        missing = len(wanted) - registered
+        raise ValueError(f"Invalid model: DistributedDataParallel was built while {missing} trainable "
+                         f"parameters were frozen, so it would never all-reduce them. {DDP_HINT}")

@@ -418,6 +418,8 @@ class GrassAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._step == 0:
+            self._check_same_parameters()
         self._follow_device()
         self._measure()
         if self._defer_freeze:
@@ -438,6 +440,17 @@ class GrassAdamW(Optimizer):
         self._advance_schedule()
         self._move_states(resident, self._resident())
         return loss
+
+    def _check_same_parameters(self) -> None:
+        """The blocks still hold the parameters this optimizer updates (FSDP2's ``fully_shard`` and
+        some wrappers replace them: built before those, the optimizer would silently train nothing)."""
+        for name, block, params in zip(self.partition.names, self.partition.blocks, self.partition.block_params,
+                                       strict=True):
+            now = {id(p) for p in block.parameters()}
+            if any(id(p) not in now for p in params):
+                raise RuntimeError(f"GrassAdamW: the parameters of block {name!r} were replaced after the optimizer "
+                                   "was built (e.g. by fully_shard), so it would train nothing. Build GrassAdamW "
+                                   "after fully_shard and any other wrapper that replaces parameters")
 
     def _follow_device(self) -> None:
         """Move the bookkeeping to the blocks' device if the model moved after construction (e.g.
