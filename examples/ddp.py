@@ -170,6 +170,7 @@ def main() -> None:
         print("probabilities:", [round(v, 3) for v in opt.probabilities.tolist()])
         print(f"parameters identical on all ranks: {all(torch.equal(g, gathered[0]) for g in gathered)}")
         print(f"{elapsed:.1f} s, {1e3 * elapsed / steps:.1f} ms/step")
+    dist.barrier()  # both ranks leave together: gloo can abort a process whose peer hung up mid-teardown
     dist.destroy_process_group()
 
 

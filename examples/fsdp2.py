@@ -183,6 +183,7 @@ def main() -> None:
                    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True))
         if rank == 0:
             print(f"resumed run matches the uninterrupted one: {same}")
+    dist.barrier()  # both ranks leave together: gloo can abort a process whose peer hung up mid-teardown
     dist.destroy_process_group()
 
 
