@@ -28,6 +28,7 @@ What matters for GRASS under DDP (docs/guides/ddp.md):
 """
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -170,7 +171,11 @@ def main() -> None:
         print("probabilities:", [round(v, 3) for v in opt.probabilities.tolist()])
         print(f"parameters identical on all ranks: {all(torch.equal(g, gathered[0]) for g in gathered)}")
         print(f"{elapsed:.1f} s, {1e3 * elapsed / steps:.1f} ms/step")
-    dist.barrier()  # both ranks leave together: gloo can abort a process whose peer hung up mid-teardown
+    # Tear down in order: DDP's reducer before the process group it uses, both ranks together
+    # (gloo can abort a process whose peer hung up mid-teardown).
+    del ddp_model, opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

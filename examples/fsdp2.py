@@ -25,6 +25,7 @@ What matters for GRASS under FSDP2 (docs/guides/fsdp2.md):
 """
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -183,7 +184,11 @@ def main() -> None:
                    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True))
         if rank == 0:
             print(f"resumed run matches the uninterrupted one: {same}")
-    dist.barrier()  # both ranks leave together: gloo can abort a process whose peer hung up mid-teardown
+    # Tear down in order: the sharded modules before the process group they use, both ranks together
+    # (gloo can abort a process whose peer hung up mid-teardown).
+    del model, opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
