@@ -48,6 +48,7 @@ STATE_PROBE_HITS = "probe_hits"
 STATE_GENERATOR = "generator"
 STATE_SAMPLER = "sampler"
 STATE_CONFIG = "config"
+STATE_HISTORY = "history"  # for plots only: it changes nothing in the future
 _VERSION = 1
 _REQUIRED_KEYS = (STATE_VERSION, STATE_NUM_LAYERS, STATE_LAYER_NUMEL, STATE_STEP, STATE_SEED, STATE_ACTIVE,
                   STATE_IMPORTANCE, STATE_PROBABILITIES, STATE_WINDOW_SUM, STATE_WINDOW_COUNT, STATE_PROBE_SQ,
@@ -161,6 +162,9 @@ class GrassAdamW(Optimizer):
         grad_scaler (torch.amp.GradScaler, optional): the scaler used with this optimizer, if any.
             Only needed with ``probe_low_memory=True``: the probing hooks see gradients before the
             scaler unscales them, and divide their squared norms by its scale (default: None).
+        history (bool, optional): record, at the start, at the end of probing and at every refresh
+            or redraw, the step, the active set, the scores and the probabilities, as plain numbers
+            (:attr:`history`; a few hundred bytes per entry, no synchronisation) (default: True).
         **optimizer_kwargs: further arguments for the built optimizer (e.g. ``amsgrad=True``).
     """
 
@@ -176,7 +180,8 @@ class GrassAdamW(Optimizer):
                  offload: bool | str | None = C.DEFAULT_OFFLOAD,
                  offload_overlap: bool = C.DEFAULT_OFFLOAD_OVERLAP,
                  layers: str | Sequence[nn.Module] | None = None, seed: int | None = None,
-                 distributed_checks: bool = True, grad_scaler: Any = None, **optimizer_kwargs: Any) -> None:
+                 distributed_checks: bool = True, grad_scaler: Any = None, history: bool = True,
+                 **optimizer_kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"GrassAdamW needs the model (an nn.Module) to find its layers, got "
@@ -194,6 +199,7 @@ class GrassAdamW(Optimizer):
         if seed is not None:
             C.check_int("seed", seed, 0)
         C.check_bool("distributed_checks", distributed_checks)
+        C.check_bool("history", history)
         _check_grad_scaler(grad_scaler)
         self._grad_scaler = grad_scaler
         self.partition = find_layers(model, layers)
@@ -231,9 +237,11 @@ class GrassAdamW(Optimizer):
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self._seed)
         self._step = 0
+        self._history: list[dict[str, Any]] | None = [] if history else None
         if self.config.probe_steps == 0:
             self._probabilities = self._compute_probabilities()
             self._active = self._draw()
+        self._record("start")
         self._sync_model()
         # A wrapped optimizer may arrive with state: park what should not be on the device.
         self._move_states(set(range(self.num_layers)), self._resident())
@@ -381,6 +389,19 @@ class GrassAdamW(Optimizer):
     def is_probing(self) -> bool:
         """True during the first ``probe_steps`` steps (measure only, no update)."""
         return self._step < self.config.probe_steps
+
+    @property
+    def history(self) -> dict[str, Any]:
+        """What the sampler did, as plain data (JSON-serialisable): ``{"layer_names": [...],
+        "config": {...}, "events": [{"step", "event", "active", "importance", "probabilities"}, ...]}``.
+
+        ``event`` is ``"start"``, ``"probe_end"``, ``"refresh"``, ``"redraw"`` or ``"refresh+redraw"``;
+        ``step`` counts optimizer steps (probing included); NaN importance = not measured yet.
+        Empty ``events`` when built with ``history=False``. ``grass_optim.plot`` draws it.
+        """
+        return {"layer_names": list(self.layer_names),
+                "config": {f: getattr(self.config, f) for f in _SCHEDULE_FIELDS},
+                "events": [dict(e) for e in (self._history or [])]}
 
     @property
     def grad_scaler(self) -> Any:
@@ -621,12 +642,24 @@ class GrassAdamW(Optimizer):
             return
         if n == 0 and c.probe_steps > 0:
             self._finish_probing()
+            self._record("probe_end")
             return
-        if n % c.update_every == 0:
+        refreshed, redrawn = n % c.update_every == 0, n % c.switch_every == 0
+        if refreshed:
             self._refresh()
-        if n % c.switch_every == 0:
+        if redrawn:
             self._active = self._draw()
             self._sync_model()
+        if refreshed or redrawn:
+            self._record("refresh+redraw" if refreshed and redrawn else "refresh" if refreshed else "redraw")
+
+    def _record(self, event: str) -> None:
+        """One history entry: plain numbers, taken only on steps that already synchronise."""
+        if self._history is None:
+            return
+        self._history.append({"step": self._step, "event": event, "active": list(self.active_layer_indices),
+                              "importance": self._importance.tolist(),
+                              "probabilities": self.probabilities.tolist()})
 
     def _finish_probing(self) -> None:
         self._refresh()  # every block measured while probing takes its probing mean as its score
@@ -754,6 +787,7 @@ class GrassAdamW(Optimizer):
             STATE_GENERATOR: self._generator.get_state(),
             STATE_SAMPLER: self._sampler.state_dict() if hasattr(self._sampler, "state_dict") else None,
             STATE_CONFIG: {f: getattr(self.config, f) for f in _SCHEDULE_FIELDS},
+            STATE_HISTORY: [dict(e) for e in self._history] if self._history is not None else None,
         }
         return sd
 
@@ -809,6 +843,8 @@ class GrassAdamW(Optimizer):
         self._probe_sq.copy_(g[STATE_PROBE_SQ].to(dev))
         self._probe_hits.copy_(g[STATE_PROBE_HITS].to(dev))
         self._generator.set_state(g[STATE_GENERATOR].cpu())
+        if self._history is not None and g.get(STATE_HISTORY) is not None:
+            self._history = [dict(e) for e in g[STATE_HISTORY]]
         if g.get(STATE_SAMPLER) is not None and hasattr(self._sampler, "load_state_dict"):
             self._sampler.load_state_dict(g[STATE_SAMPLER])
         self._measure_cache = None

@@ -440,6 +440,24 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(save_at):
     _assert_same_state(opt_a, model_a, opt_b, model_b)
 
 
+def test_history_is_plain_data_and_survives_a_resume():
+    import json
+
+    model_a, opt_a, sched_a = _run(None)
+    h = opt_a.history
+    json.dumps(h)  # plain data
+    events = h["events"]
+    assert events[0]["event"] == "start" and events[1]["event"] == "probe_end" and events[1]["step"] == 4
+    for e in events[1:]:  # sched_a[i]: the active set after step i + 1
+        assert e["active"] == list(sched_a[e["step"] - 1])
+    redraw_steps = [e["step"] for e in events if "redraw" in e["event"]]
+    assert redraw_steps == list(range(4 + 5, 38, 5))
+    assert all(len(e["probabilities"]) == L for e in events)
+    _, opt_b, _ = _run(17)
+    assert json.dumps(opt_b.history, sort_keys=True) == json.dumps(h, sort_keys=True)
+    assert GrassAdamW(make_net(), history=False).history["events"] == []
+
+
 def test_state_dict_holds_the_whole_schedule():
     model = make_net()
     opt = GrassAdamW(model, probe_steps=2, switch_every=3)
