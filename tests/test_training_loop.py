@@ -90,12 +90,14 @@ SCHEDULERS = [
 ]
 
 
-def _run_scheduled(model, opt, make_sched, needs_metric, data):
+def _run_scheduled(model, opt, make_sched, needs_metric, data, before_step=None):
     """Train with a scheduler stepped after each optimizer step; return the lr and betas of each
-    parameter's group after every step."""
+    parameter's group after every step. ``before_step()`` runs before each step, if given."""
     sched = make_sched(opt)
     history = [(_per_param(opt, model, "lr"), _per_param(opt, model, "betas"))]
     for i, (x, y) in enumerate(data):
+        if before_step is not None:
+            before_step()
         opt.zero_grad()
         loss_fn(model, x, y).backward()
         opt.step()
@@ -134,18 +136,8 @@ def test_scheduler_drives_every_group_including_inactive_blocks(case):
                      probe_steps=3, seed=0)
     data = batches(N_SCHED)
     inactive_seen = set()
-    sched = make_sched(opt)
-    hist = [(_per_param(opt, model, "lr"), _per_param(opt, model, "betas"))]
-    for i, (x, y) in enumerate(data):
-        inactive_seen.update(set(range(L)) - set(opt.active_layer_indices))
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-        if needs_metric:
-            sched.step(_PLATEAU_METRICS[i])
-        else:
-            sched.step()
-        hist.append((_per_param(opt, model, "lr"), _per_param(opt, model, "betas")))
+    hist = _run_scheduled(model, opt, make_sched, needs_metric, data,
+                          before_step=lambda: inactive_seen.update(set(range(L)) - set(opt.active_layer_indices)))
     ref_hist = _run_scheduled(ref, ref_opt, make_sched, needs_metric, data)
     assert hist == ref_hist
     assert inactive_seen == set(range(L)), "every block should have been inactive at some point"
