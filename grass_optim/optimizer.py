@@ -392,15 +392,18 @@ class GrassAdamW(Optimizer):
 
     @property
     def history(self) -> dict[str, Any]:
-        """What the sampler did, as plain data (JSON-serialisable): ``{"layer_names": [...],
-        "config": {...}, "events": [{"step", "event", "active", "importance", "probabilities"}, ...]}``.
+        """What the sampler did, as plain data: ``{"layer_names": [...], "num_steps": int, "config":
+        {...}, "events": [{"step", "event", "active", "importance", "probabilities"}, ...]}``.
 
         ``event`` is ``"start"``, ``"probe_end"``, ``"refresh"``, ``"redraw"`` or ``"refresh+redraw"``;
-        ``step`` counts optimizer steps (probing included); NaN importance = not measured yet.
+        ``step`` counts optimizer steps (probing included); NaN importance = not measured yet (write
+        it with ``grass_optim.plot.save_history`` for strict JSON, NaN as null); while probing,
+        ``active`` lists every block measured (none is updated).
         Empty ``events`` when built with ``history=False``. ``grass_optim.plot`` draws it.
         """
-        return {"layer_names": list(self.layer_names),
-                "config": {f: getattr(self.config, f) for f in _SCHEDULE_FIELDS},
+        config = {f: getattr(self.config, f) for f in _SCHEDULE_FIELDS}
+        config["sampler"] = type(self._sampler).__name__
+        return {"layer_names": list(self.layer_names), "num_steps": self._step, "config": config,
                 "events": [dict(e) for e in (self._history or [])]}
 
     @property
