@@ -72,7 +72,9 @@ grass_optim = import_grass_optim()
 GrassAdamW = grass_optim.GrassAdamW
 
 METHODS = ["full", "lora", "lisa", "grass-static", "grass"]
-SAMPLER = {"lisa": "uniform", "grass-static": "static", "grass": "grass"}
+SAMPLER = {"lisa": "uniform", "grass-static": "static", "grass": "grass", "grass-explore": "grass"}
+# Settings variants, run only when named with --methods: do they help GRASS against stale scores?
+VARIANTS = {"grass-explore": {"exploration": 0.1, "temperature": 2.0}}
 MIB = 2**20
 
 # ----------------------------------------------------------------------------- profiles
@@ -342,7 +344,7 @@ def make_optimizer(method: str, model: nn.Module, family: Any, lr: float, seed: 
     return model, GrassAdamW(model, lr=lr, weight_decay=WEIGHT_DECAY, active_layers=c["active_layers"],
                              switch_every=c["switch_every"], sampler=sampler,
                              probe_steps=0 if sampler == "uniform" else c["probe_steps"],
-                             offload="inactive", seed=seed)
+                             offload="inactive", seed=seed, **VARIANTS.get(method, {}))
 
 
 def train_run(family: Any, task: str, data: dict[str, Any], method: str, lr: float, seed: int
@@ -629,7 +631,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results/quality.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task per model, 1 seed, 1 LR, few steps")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + list(VARIANTS),
+                   help="also: grass-explore = grass with exploration=0.1, temperature=2.0")
     p.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "results" / "cache"))
     p.add_argument("--threads", type=int, default=1,
