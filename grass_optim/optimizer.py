@@ -320,6 +320,7 @@ class GrassAdamW(Optimizer):
         numel = [sum(p.numel() for p in ps) for ps in self._managed]
         self._layer_numel = numel
         self._sampleable = [n > 0 for n in numel]
+        self._sampleable_mask = torch.tensor(self._sampleable)  # CPU bool [L], for the sampler's views
         self._sharded = any(D.is_sharded(p) for ps in self._managed for p in ps)
         if self._sharded and self.config.offload is not None:
             raise ValueError(f"Invalid offload: {self.config.offload!r} with sharded (FSDP2/DTensor) parameters: "
@@ -671,7 +672,7 @@ class GrassAdamW(Optimizer):
 
     def _refresh(self) -> None:
         mean, measured = self._take_window()
-        s = torch.tensor(self._sampleable)
+        s = self._sampleable_mask
         new = self._sampler.refresh(self._importance[s], mean[s], measured[s])
         new = torch.as_tensor(new, dtype=torch.float64).flatten()
         if new.numel() != int(s.sum()) or bool(torch.isinf(new).any()):
@@ -694,11 +695,11 @@ class GrassAdamW(Optimizer):
         return mean, measured
 
     def _uniform(self) -> Tensor:
-        s = torch.tensor(self._sampleable, dtype=torch.float64)
+        s = self._sampleable_mask.to(torch.float64)
         return s / s.sum()
 
     def _compute_probabilities(self) -> Tensor:
-        s = torch.tensor(self._sampleable)
+        s = self._sampleable_mask
         scores = self._importance[s]
         known = ~torch.isnan(scores)
         # A block without a score yet counts as average: neither favoured nor starved.
