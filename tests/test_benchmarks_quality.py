@@ -89,11 +89,17 @@ def test_quick_run_json_rows(quick_run):
     assert {s["method"] for s in result["summary"]} == set(METHODS)
 
 
+def _tasks(result):
+    return sorted({(r["model"], r["task"]) for r in result["rows"]})
+
+
 def test_quick_run_saves_grass_histories(quick_run):
     proc, out = quick_run
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out.read_text())
-    assert len(result["histories"]) == len(MODELS)
+    # one per (model, task, sampling method): grass and grass-static, not lisa (uniform: nothing to see)
+    assert sorted(result["histories"]) == sorted(f"{m}/{t}/{k}" for m, t in _tasks(result)
+                                                 for k in ("grass-static", "grass"))
     for saved in result["histories"].values():
         hist = json.loads(Path(saved["history_json"]).read_text())
         assert {"layer_names", "config", "events"} <= set(hist)
