@@ -107,3 +107,20 @@ def test_quick_run_saves_grass_histories(quick_run):
         assert hist["events"]
         if saved["history_png"] is not None:
             assert Path(saved["history_png"]).stat().st_size > 0
+
+
+def test_results_do_not_depend_on_the_number_of_worker_processes(quick_run):
+    """The fixture ran with the default --jobs (2 on CI); one unit again in-process must match it."""
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out1 = out.with_name("jobs1.json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--jobs", "1", "--models", "llama", "--methods", "grass",
+           "--out", str(out1), "--cache-dir", str(out.parent / "cache")]
+    single = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert single.returncode == 0, single.stderr[-5000:]
+    (again,) = json.loads(out1.read_text())["rows"]
+    (first,) = [r for r in json.loads(out.read_text())["rows"] if (r["model"], r["method"]) == ("llama", "grass")]
+    for key in ("accuracy", "val_accuracy", "final_loss", "steps_per_block", "lr"):
+        assert again[key] == first[key], key
