@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,31 @@ def import_grass_optim():
         sys.path.insert(0, str(REPO_ROOT))
         import grass_optim
     return grass_optim
+
+
+class _NoBar:
+    """Stands in for a tqdm bar where tqdm is not installed (the GPU machine may lack it)."""
+
+    def __init__(self, iterable: Any) -> None:
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(iterable: Any, desc: str, **kwargs: Any) -> Any:
+    """A progress bar on stderr (tqdm, throttled to one refresh a second), or a silent stand-in."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar(iterable)
+    return tqdm(iterable, desc=desc, file=sys.stderr, mininterval=1.0, ncols=110, leave=False, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the model

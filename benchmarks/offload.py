@@ -89,6 +89,7 @@ from common import (
     import_grass_optim,
     is_cuda,
     markdown_table,
+    progress,
     synchronize,
 )
 from torch import Tensor
@@ -260,7 +261,10 @@ def run_method(method: str, cfg: LlamaConfig, args: argparse.Namespace, batches:
     total = args.warmup + args.steps
     loss = None
     t0 = t_start = time.perf_counter()
-    for i in range(total):
+    # The bar shows the active blocks (host data); the loss only at the end: reading it every step
+    # would synchronise with the device and change what is timed.
+    bar = progress(range(total), desc=f"[offload] {method}")
+    for i in bar:
         if i == args.warmup:
             synchronize(dev)
             t0 = time.perf_counter()
@@ -269,6 +273,7 @@ def run_method(method: str, cfg: LlamaConfig, args: argparse.Namespace, batches:
             current = list(opt.active_layer_indices)
             if not active_sets or active_sets[-1] != current:
                 active_sets.append(current)
+                bar.set_postfix(blocks=",".join(map(str, current)), refresh=False)
         x, y = batches[i % len(batches)]
         with amp:
             logits = model(x)
@@ -280,6 +285,8 @@ def run_method(method: str, cfg: LlamaConfig, args: argparse.Namespace, batches:
         state_max = max(state_max, device_state_bytes(opt))  # reads sizes only: no synchronisation
     synchronize(dev)
     elapsed = time.perf_counter() - t0
+    bar.set_postfix(loss=f"{float(loss.detach()):.3f}" if loss is not None else "-")
+    bar.close()
     if args.warmup == 0:
         row["warmup_s"] = 0.0
 

@@ -96,7 +96,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import LlamaConfig, build_model, count_params, environment, import_grass_optim, markdown_table
+from common import LlamaConfig, build_model, count_params, environment, import_grass_optim, markdown_table, progress
 from torch import Tensor, nn
 
 grass_optim = import_grass_optim()
@@ -355,10 +355,13 @@ def interleaved(workers: dict[str, Worker], spec: dict[str, Any], warmup: int, r
         for name in names:
             workers[name].run(1)
     slots: dict[str, list[list[list[float]]]] = {n: [] for n in names}
-    for r in range(repeats):
+    bar = progress(range(repeats), desc=f"[time] {spec['model'].get('hidden_size', '')} repeats")
+    for r in bar:
         k = r % len(names)
         for name in names[k:] + names[:k]:
             slots[name].append(workers[name].run(per_slot))
+        bar.set_postfix({n: f"{1000 * slots[n][-1][-1][PHASES.index('total')]:.0f}ms" for n in names}, refresh=False)
+    bar.close()
     out: dict[str, dict[str, Any]] = {}
     total = PHASES.index("total")
     ref_repeat = [statistics.median(s[total] for s in slot) for slot in slots[reference]]
