@@ -2,7 +2,7 @@
 the paper's comparison (``../shared/GRASS.md`` section 4).
 
     python benchmarks/quality.py --quick --out /tmp/q.json      # smoke run, < 3 minutes on 2 cores
-    python benchmarks/quality.py --out benchmarks/results/quality.json   # full default, ~45 minutes
+    python benchmarks/quality.py --out benchmarks/results/quality.json   # full default, ~30 min (+13 the 1st time)
     python benchmarks/quality.py --models minilm --methods lisa grass grass-explore   # a settings study
     python benchmarks/quality.py --set llama.steps=400 'seeds=[0]'   # any profile entry, JSON values
 
