@@ -86,6 +86,13 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
 
 
+def check_history(value: Any) -> None:
+    if value is True or value is False or value == "steps":
+        return
+    raise (ValueError if isinstance(value, str) else TypeError)(
+        f"Invalid history: {value!r} (expected True, False or 'steps')")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str):
         raise TypeError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")

@@ -19,13 +19,14 @@ tensors such as AdamW's ``step`` stay where the base optimizer keeps them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["StateOffloader"]
+__all__ = ["StateOffloader", "resolve_timings"]
 
 # (parameter, its state dict in the base optimizer)
 ParamState = tuple[Tensor, dict[str, Any]]
@@ -57,6 +58,11 @@ class StateOffloader:
         self._pending: dict[Any, torch.Event] = {}  # unit -> event of its last transfer
         self.bytes_to_host = 0
         self.bytes_to_device = 0
+        # Copy timing for GrassAdamW(history="steps"): one (direction, bytes, start, end) per transfer
+        # call; start/end are timing events on an accelerator (read later, when the host asks), seconds
+        # on the host path, where copies are synchronous.
+        self.timing = False
+        self._timings: list[tuple[str, int, Any, Any]] = []
 
     # -------------------------------------------------------------- queries
     def is_parked(self, param: Tensor, key: str, value: Any) -> bool:
@@ -75,24 +81,27 @@ class StateOffloader:
                  if _movable(v) and not self.is_parked(p, k, v)]
         if not moves:
             return
+        nbytes = sum(v.numel() * v.element_size() for _, _, _, v in moves)
+        self.bytes_to_host += nbytes
         if not self.asynchronous:
+            t0 = time.perf_counter()
             for p, st, k, v in moves:
                 st[k] = self._host_buffer(p, k, v).copy_(v)
-                self.bytes_to_host += v.numel() * v.element_size()
+            self._time_host("to_host", nbytes, t0)
             return
         buffers = [self._host_buffer(p, k, v) for p, _, k, v in moves]
         # A previous prefetch of this unit reads these host buffers; do not overwrite them before it ends.
         self._stream_waits_for_unit(self._to_host, unit)
         # The update that last wrote these states was queued on the compute stream.
         self._to_host.wait_stream(torch.accelerator.current_stream(self.device))
+        start = self._timing_event(self._to_host)
         with self._to_host:
             for (_, st, k, v), host in zip(moves, buffers, strict=True):
                 host.copy_(v, non_blocking=True)
                 # v is dropped below while the copy may still read it: keep its memory from being reused.
                 v.record_stream(self._to_host)
                 st[k] = host
-                self.bytes_to_host += v.numel() * v.element_size()
-        self._record(unit, self._to_host)
+        self._record(unit, self._to_host, "to_host", nbytes, start)
 
     def prefetch(self, unit: Any, states: Iterable[ParamState]) -> None:
         """Start moving the unit's parked state to the device; :meth:`wait` before using it."""
@@ -100,10 +109,13 @@ class StateOffloader:
                  if _movable(v) and self.is_parked(p, k, v)]
         if not moves:
             return
+        nbytes = sum(v.numel() * v.element_size() for _, _, _, v in moves)
+        self.bytes_to_device += nbytes
         if not self.asynchronous:
+            t0 = time.perf_counter()
             for _, st, k, v in moves:
                 st[k] = v.to(self.device, copy=True)
-                self.bytes_to_device += v.numel() * v.element_size()
+            self._time_host("to_device", nbytes, t0)
             return
         # Allocate on the compute stream, which will use (and later free) these tensors.
         targets = [torch.empty_like(v, device=self.device) for _, _, _, v in moves]
@@ -111,12 +123,12 @@ class StateOffloader:
         self._to_device.wait_stream(torch.accelerator.current_stream(self.device))
         # A write-back of this unit into the same host buffers may still be in flight.
         self._stream_waits_for_unit(self._to_device, unit)
+        start = self._timing_event(self._to_device)
         with self._to_device:
             for (_, st, k, v), d in zip(moves, targets, strict=True):
                 d.copy_(v, non_blocking=True)
                 st[k] = d
-                self.bytes_to_device += v.numel() * v.element_size()
-        self._record(unit, self._to_device)
+        self._record(unit, self._to_device, "to_device", nbytes, start)
 
     def wait(self, unit: Any) -> None:
         """Make the compute stream wait for the unit's last transfer (before the update reads it)."""
@@ -129,6 +141,11 @@ class StateOffloader:
         for event in self._pending.values():
             event.synchronize()
         self._pending.clear()
+
+    def drain_timings(self) -> list[tuple[str, int, Any, Any]]:
+        """The transfers timed since the last call (raw: see :func:`resolve_timings`), forgotten here."""
+        out, self._timings = self._timings, []
+        return out
 
     def load_parked(self, items: Iterable[tuple[Tensor, dict[str, Any], str, Tensor]]) -> None:
         """Put checkpointed values straight into host buffers: ``(param, state, key, value)``.
@@ -153,9 +170,40 @@ class StateOffloader:
         if event is not None:
             stream.wait_event(event)
 
-    def _record(self, unit: Any, stream: torch.Stream) -> None:
-        event = torch.Event(device=self.device)
+    def _record(self, unit: Any, stream: torch.Stream, direction: str, nbytes: int, start: Any) -> None:
+        event = torch.Event(device=self.device, enable_timing=start is not None)
         event.record(stream)
         self._pending[unit] = event
+        if start is not None:
+            self._timings.append((direction, nbytes, start, event))
         if not self.overlap:
             event.synchronize()  # the blocking baseline: nothing overlaps
+
+    def _timing_event(self, stream: torch.Stream) -> Any:
+        """A timing event recorded on ``stream`` before a transfer's copies (None when not timing)."""
+        if not self.timing:
+            return None
+        event = torch.Event(device=self.device, enable_timing=True)
+        event.record(stream)
+        return event
+
+    def _time_host(self, direction: str, nbytes: int, t0: float) -> None:
+        if self.timing:
+            self._timings.append((direction, nbytes, t0, time.perf_counter()))
+
+
+def resolve_timings(raw: Iterable[tuple[str, int, Any, Any]]) -> list[dict[str, Any]]:
+    """Turn :meth:`StateOffloader.drain_timings` entries into ``{"direction", "bytes", "ms"}``.
+
+    On an accelerator this waits for those transfers to finish (their timing events must have
+    completed to be read): call it where the host may wait, e.g. when a history is read.
+    """
+    out = []
+    for direction, nbytes, start, end in raw:
+        if isinstance(start, float):
+            ms = 1000.0 * (end - start)
+        else:
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        out.append({"direction": direction, "bytes": nbytes, "ms": ms})
+    return out

@@ -21,7 +21,7 @@ from . import distributed as D
 from .importance import accumulate_window, block_grad_rms, block_sq_norms, foreach_norms, window_mean
 from .layers import LayerPartition, find_layers, is_trainable, set_frozen_by_grass
 from .memory import MemoryReport
-from .offload import StateOffloader
+from .offload import StateOffloader, resolve_timings
 from .sampling import Sampler, resolve_sampler
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ STATE_GENERATOR = "generator"
 STATE_SAMPLER = "sampler"
 STATE_CONFIG = "config"
 STATE_HISTORY = "history"  # for plots only: it changes nothing in the future
+STATE_HISTORY_STEPS = "history_steps"  # the per-step records of history="steps" (likewise)
 _VERSION = 1
 _REQUIRED_KEYS = (STATE_VERSION, STATE_NUM_LAYERS, STATE_LAYER_NUMEL, STATE_STEP, STATE_SEED, STATE_ACTIVE,
                   STATE_IMPORTANCE, STATE_PROBABILITIES, STATE_WINDOW_SUM, STATE_WINDOW_COUNT, STATE_PROBE_SQ,
@@ -162,9 +163,13 @@ class GrassAdamW(Optimizer):
         grad_scaler (torch.amp.GradScaler, optional): the scaler used with this optimizer, if any.
             Only needed with ``probe_low_memory=True``: the probing hooks see gradients before the
             scaler unscales them, and divide their squared norms by its scale (default: None).
-        history (bool, optional): record, at the start, at the end of probing and at every refresh
-            or redraw, the step, the active set, the scores and the probabilities, as plain numbers
-            (:attr:`history`; a few hundred bytes per entry, no synchronisation) (default: True).
+        history (bool or str, optional): record, at the start, at the end of probing and at every
+            refresh or redraw, the step, the active set, the scores and the probabilities, as plain
+            numbers (:attr:`history`; a few hundred bytes per entry, no synchronisation). ``"steps"``
+            also records, after every step, the optimizer-state bytes on the device and on the host,
+            the bytes copied each way and the time the copies took (offload on; timed with events
+            on an accelerator, read only when the history is read); ``False`` records nothing
+            (default: True).
         **optimizer_kwargs: further arguments for the built optimizer (e.g. ``amsgrad=True``).
     """
 
@@ -180,7 +185,7 @@ class GrassAdamW(Optimizer):
                  offload: bool | str | None = C.DEFAULT_OFFLOAD,
                  offload_overlap: bool = C.DEFAULT_OFFLOAD_OVERLAP,
                  layers: str | Sequence[nn.Module] | None = None, seed: int | None = None,
-                 distributed_checks: bool = True, grad_scaler: Any = None, history: bool = True,
+                 distributed_checks: bool = True, grad_scaler: Any = None, history: bool | str = True,
                  **optimizer_kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -199,7 +204,7 @@ class GrassAdamW(Optimizer):
         if seed is not None:
             C.check_int("seed", seed, 0)
         C.check_bool("distributed_checks", distributed_checks)
-        C.check_bool("history", history)
+        C.check_history(history)
         _check_grad_scaler(grad_scaler)
         self._grad_scaler = grad_scaler
         self.partition = find_layers(model, layers)
@@ -216,8 +221,10 @@ class GrassAdamW(Optimizer):
         self._ready = True
 
         self._init_bookkeeping()
-        self._offloader = (StateOffloader(self._device, overlap=self.config.offload_overlap)
-                           if self.config.offload else None)
+        # history="steps": one record per step; copy timings stay raw (events) until the history is read.
+        self._steps_log: list[dict[str, Any]] | None = [] if history == "steps" else None
+        self._moved_so_far = (0, 0)
+        self._offloader = self._new_offloader() if self.config.offload else None
         self._check_ranks = distributed_checks and D.is_distributed()
         # Multi-process: DDP's buckets already hold every registered gradient and write the averaged
         # ones back after backward (hooks would see local, un-averaged values), and FSDP2 sets the
@@ -401,11 +408,20 @@ class GrassAdamW(Optimizer):
         it with ``grass_optim.plot.save_history`` for strict JSON, NaN as null); while probing,
         ``active`` lists every block measured (none is updated).
         Empty ``events`` when built with ``history=False``. ``grass_optim.plot`` draws it.
+
+        With ``history="steps"`` it also has ``"steps": [{"step", "device_state_bytes",
+        "host_state_bytes", "bytes_to_host", "bytes_to_device", "copy_ms_to_host",
+        "copy_ms_to_device"}, ...]``, one per optimizer step (``step`` = steps done; bytes copied
+        and copy time during that step; on an accelerator the copy times come from events, and
+        reading them waits for those copies to finish).
         """
         config = {f: getattr(self.config, f) for f in _SCHEDULE_FIELDS}
         config["sampler"] = type(self._sampler).__name__
-        return {"layer_names": list(self.layer_names), "num_steps": self._step, "config": config,
-                "events": [dict(e) for e in (self._history or [])]}
+        out = {"layer_names": list(self.layer_names), "num_steps": self._step, "config": config,
+               "events": [dict(e) for e in (self._history or [])]}
+        if self._steps_log is not None:
+            out["steps"] = self._resolved_steps()
+        return out
 
     @property
     def grad_scaler(self) -> Any:
@@ -464,6 +480,8 @@ class GrassAdamW(Optimizer):
             self._sync_model()
         self._advance_schedule()
         self._move_states(resident, self._resident())
+        if self._steps_log is not None:
+            self._record_step()
         return loss
 
     def _check_same_parameters(self) -> None:
@@ -490,7 +508,8 @@ class GrassAdamW(Optimizer):
         for name in ("_numel", "_window_sum", "_window_count", "_probe_sq", "_probe_hits"):
             setattr(self, name, getattr(self, name).to(self._device))
         if self._offloader is not None:
-            self._offloader = StateOffloader(self._device, overlap=self.config.offload_overlap)
+            self._offloader = self._new_offloader()
+            self._moved_so_far = (0, 0)
         if self._hooks:  # they hold views of the old buffers
             for h in self._hooks:
                 h.remove()
@@ -540,6 +559,11 @@ class GrassAdamW(Optimizer):
             base.param_groups = groups
 
     # ------------------------------------------------------------------ where states live
+    def _new_offloader(self) -> StateOffloader:
+        off = StateOffloader(self._device, overlap=self.config.offload_overlap)
+        off.timing = self._steps_log is not None
+        return off
+
     def _resident(self, step: int | None = None, active: Sequence[int] | None = None) -> set[int]:
         """Blocks whose state belongs on the device between steps, under the offload mode."""
         step = self._step if step is None else step
@@ -664,6 +688,28 @@ class GrassAdamW(Optimizer):
         self._history.append({"step": self._step, "event": event, "active": list(self.active_layer_indices),
                               "importance": self._importance.tolist(),
                               "probabilities": self.probabilities.tolist()})
+
+    def _record_step(self) -> None:
+        """One per-step entry (history="steps"): sizes only, and the copies' raw timings."""
+        rep = self.memory_report()
+        to_host, to_device = self._moved_so_far
+        self._moved_so_far = (rep.bytes_to_host, rep.bytes_to_device)
+        self._steps_log.append({"step": self._step, "device_state_bytes": rep.device_state_bytes,
+                                "host_state_bytes": rep.host_state_bytes,
+                                "bytes_to_host": rep.bytes_to_host - to_host,
+                                "bytes_to_device": rep.bytes_to_device - to_device,
+                                "copies": self._offloader.drain_timings() if self._offloader is not None else []})
+
+    def _resolved_steps(self) -> list[dict[str, Any]]:
+        """The per-step records as plain numbers (waits for the timed copies on an accelerator)."""
+        out = []
+        for entry in self._steps_log or []:
+            if "copies" in entry:  # resolve once, in place: later reads need no wait
+                copies = resolve_timings(entry.pop("copies"))
+                for direction in ("to_host", "to_device"):
+                    entry[f"copy_ms_{direction}"] = sum((c["ms"] for c in copies if c["direction"] == direction), 0.0)
+            out.append(dict(entry))
+        return out
 
     def _finish_probing(self) -> None:
         self._refresh()  # every block measured while probing takes its probing mean as its score
@@ -792,6 +838,7 @@ class GrassAdamW(Optimizer):
             STATE_SAMPLER: self._sampler.state_dict() if hasattr(self._sampler, "state_dict") else None,
             STATE_CONFIG: {f: getattr(self.config, f) for f in _SCHEDULE_FIELDS},
             STATE_HISTORY: [dict(e) for e in self._history] if self._history is not None else None,
+            STATE_HISTORY_STEPS: self._resolved_steps() if self._steps_log is not None else None,
         }
         return sd
 
@@ -849,6 +896,8 @@ class GrassAdamW(Optimizer):
         self._generator.set_state(g[STATE_GENERATOR].cpu())
         if self._history is not None and g.get(STATE_HISTORY) is not None:
             self._history = [dict(e) for e in g[STATE_HISTORY]]
+        if self._steps_log is not None and g.get(STATE_HISTORY_STEPS) is not None:
+            self._steps_log = [dict(e) for e in g[STATE_HISTORY_STEPS]]
         if g.get(STATE_SAMPLER) is not None and hasattr(self._sampler, "load_state_dict"):
             self._sampler.load_state_dict(g[STATE_SAMPLER])
         self._measure_cache = None

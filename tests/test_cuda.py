@@ -122,13 +122,15 @@ def test_offload_frees_device_memory():
     assert sizes["inactive"] < sizes[None]
 
 
+@pytest.mark.parametrize("history", [True, "steps"])
 @pytest.mark.parametrize("mode", [None, "inactive", "stream"])
-def test_no_host_synchronisation_between_redraws(mode):
-    """step() must not wait for the device except on steps that refresh scores or redraw."""
+def test_no_host_synchronisation_between_redraws(mode, history):
+    """step() must not wait for the device except on steps that refresh scores or redraw (per-step
+    history included: its copy times stay events until the history is read)."""
     torch.manual_seed(0)
     model = WideNet().cuda()
     opt = GrassAdamW(model, active_layers=2, switch_every=10, update_every=10, probe_steps=0,
-                     offload=mode, seed=0)
+                     offload=mode, seed=0, history=history)
     data = _data(9)
     try:
         for i, (x, y) in enumerate(data):
@@ -201,3 +203,24 @@ def test_model_moved_to_cuda_after_the_optimizer_was_built(mode):
     for a, b in zip(ref.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert opt._device.type == "cuda"
+
+
+@pytest.mark.parametrize("mode", ["inactive", "stream"])
+def test_history_steps_times_the_copies_with_events(mode):
+    torch.manual_seed(0)
+    model = WideNet().cuda()
+    opt = GrassAdamW(model, lr=1e-3, active_layers=2, switch_every=2, probe_steps=0, offload=mode, seed=0,
+                     history="steps")
+    for x, y in _data(12):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    steps = opt.history["steps"]
+    rep = opt.memory_report()
+    assert len(steps) == 12
+    assert sum(s["bytes_to_host"] for s in steps) == rep.bytes_to_host > 0
+    assert sum(s["bytes_to_device"] for s in steps) == rep.bytes_to_device > 0
+    for s in steps:
+        for direction in ("to_host", "to_device"):
+            assert (s[f"copy_ms_{direction}"] > 0) == (s[f"bytes_{direction}"] > 0), s
+    assert opt.history["steps"] == steps  # resolved once: a second read is the same plain data

@@ -228,3 +228,60 @@ def test_estimate_matches_the_report_after_all_blocks_were_visited():
         loss_fn(model, x, y).backward()
         opt.step()
     assert opt.memory_report().device_state_bytes == est.rows["grass-inactive"]["optimizer_state"]
+
+
+# ----------------------------------------------------------------------------- per-step history
+@pytest.mark.parametrize("mode", MODES)
+def test_history_steps_records_state_bytes_and_copies_of_every_step(mode):
+    data = batches(24, seed=3)
+    model_ref, opt_ref, _ = _run(mode, data)
+    model = _model()
+    opt = GrassAdamW(model, offload=mode, history="steps", **KW)
+    model, opt, log = _run(mode, data, model, opt)
+    assert_same_params(model, model_ref)  # recording changes nothing
+    _assert_same_state(opt, model, opt_ref, model_ref)
+    steps = opt.history["steps"]
+    assert [s["step"] for s in steps] == list(range(1, len(data) // 2 + 1))
+    for s, (_, rep) in zip(steps, log, strict=True):
+        assert s["device_state_bytes"] == rep.device_state_bytes
+        assert s["host_state_bytes"] == rep.host_state_bytes
+        for direction in ("to_host", "to_device"):
+            moved, ms = s[f"bytes_{direction}"], s[f"copy_ms_{direction}"]
+            assert ms >= 0.0 and (ms == 0.0 if moved == 0 else True)
+    final = opt.memory_report()
+    assert sum(s["bytes_to_host"] for s in steps) == final.bytes_to_host
+    assert sum(s["bytes_to_device"] for s in steps) == final.bytes_to_device
+    if mode is None:
+        assert final.bytes_to_host == final.bytes_to_device == 0
+    else:
+        assert final.bytes_to_host > 0 and final.bytes_to_device > 0
+        assert any(s["copy_ms_to_device"] > 0 for s in steps)
+
+
+def test_history_steps_is_plain_data_and_survives_a_checkpoint():
+    data = batches(16, seed=5)
+    model = _model()
+    opt = GrassAdamW(model, offload="inactive", history="steps", **KW)
+    _train(model, opt, data[:8])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    model2 = _model()
+    model2.load_state_dict(model.state_dict())
+    opt2 = GrassAdamW(model2, offload="inactive", history="steps", **KW)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.history["steps"] == opt.history["steps"]
+    _train(model, opt, data[8:])
+    _train(model2, opt2, data[8:])
+    assert [s["step"] for s in opt2.history["steps"]] == list(range(1, 9))
+    for a, b in zip(opt.history["steps"], opt2.history["steps"], strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith("copy_ms")} == \
+               {k: v for k, v in b.items() if not k.startswith("copy_ms")}
+    assert "steps" not in GrassAdamW(_model(), **KW).history  # only when asked for
+
+
+@pytest.mark.parametrize("value, error", [("step", ValueError), ("events", ValueError), (1, TypeError),
+                                          (None, TypeError)])
+def test_history_rejects_other_values(value, error):
+    with pytest.raises(error, match=r"Invalid history: .* \(expected True, False or 'steps'\)"):
+        GrassAdamW(_model(), history=value, **KW)
