@@ -6,7 +6,6 @@ there in the table, the JSON or the per-method error handling should break here 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.bench_helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "offload.py"
@@ -82,14 +83,8 @@ def test_quick_run_json(quick_run):
 
 @pytest.fixture
 def bench(monkeypatch):
-    """benchmarks/offload.py imported in-process (it imports its sibling ``common``)."""
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    monkeypatch.syspath_prepend(str(ROOT))
-    spec = importlib.util.spec_from_file_location("bench_offload_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("common", None)
+    """benchmarks/offload.py imported in-process."""
+    yield from benchmark_module("offload", monkeypatch)
 
 
 def test_an_error_in_one_method_is_reported_and_the_others_run(bench, monkeypatch, tmp_path, capsys):

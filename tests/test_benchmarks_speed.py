@@ -7,7 +7,6 @@ estimates present, and the tensor accounting of the optimizer state equal to the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.bench_helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speed.py"
@@ -150,14 +151,8 @@ def test_quick_run_json(quick_run):
 
 @pytest.fixture
 def bench(monkeypatch):
-    """benchmarks/speed.py imported in-process (it imports its sibling ``common``)."""
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    monkeypatch.syspath_prepend(str(ROOT))
-    spec = importlib.util.spec_from_file_location("bench_speed_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("common", None)
+    """benchmarks/speed.py imported in-process."""
+    yield from benchmark_module("speed", monkeypatch)
 
 
 def test_helpers(bench):

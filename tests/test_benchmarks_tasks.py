@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench_helpers import benchmark_module
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import tasks as T  # noqa: E402
@@ -110,22 +112,17 @@ def test_count_label_is_the_number_of_fruits():
         assert sum(w in T.FRUITS for w in items) == y + 1
 
 
-def _quality_module():
+@pytest.fixture
+def quality(monkeypatch):
+    """benchmarks/quality.py imported in-process."""
     for mod in ("tqdm", "transformers"):
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"{mod} is not installed")
-    spec = importlib.util.spec_from_file_location("bench_quality_under_test", BENCH / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    yield from benchmark_module("quality", monkeypatch)
 
 
-def test_quality_set_overrides_and_rejects_unknown_keys():
-    q = _quality_module()
+def test_quality_set_overrides_and_rejects_unknown_keys(quality):
+    q = quality
     prof = q.apply_overrides(q.copy.deepcopy(q.PROFILES["quick"]),
                              ["llama.steps=7", "seeds=[0, 1]", "minilm.lr_grid=[1e-4,3e-4]", 'minilm_tasks=["count"]'])
     assert prof["llama"]["steps"] == 7 and prof["seeds"] == [0, 1]
@@ -136,8 +133,8 @@ def test_quality_set_overrides_and_rejects_unknown_keys():
         q.apply_overrides(q.copy.deepcopy(q.PROFILES["quick"]), ["seeds"])
 
 
-def test_quality_variants_on_the_command_line():
-    q = _quality_module()
+def test_quality_variants_on_the_command_line(quality):
+    q = quality
     args = q.parse_args(["--variant", 'grass-t4={"temperature": 4}', "--methods", "grass", "grass-t4"])
     assert args.variants["grass-t4"] == {"sampler": "grass", "temperature": 4}
     with pytest.raises(SystemExit):
