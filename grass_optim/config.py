@@ -1,6 +1,8 @@
-"""Every default of GrassAdamW, in one place, and the validation of its settings.
+"""Every default of GrassAdamW, in one place, the validation helpers, and the schedule's settings.
 
-The reasons for each default are in ``docs/algorithm.md`` ("Defaults"); keep the two in step.
+The reasons for each default are in ``docs/algorithm.md`` ("Defaults"); keep the two in step. The
+sampler's own hyperparameters (temperature, ema, exploration) have their defaults here too, but
+live in the sampler object (``sampling.py``), not in :class:`GrassConfig`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ DEFAULT_WEIGHT_DECAY = 1e-2
 
 # GRASS hyperparameters (GRASS.md notation in brackets).
 DEFAULT_ACTIVE_LAYERS = 2  # gamma: LISA's usual choice; the paper's ablations use a few blocks
-DEFAULT_SWITCH_EVERY = 50  # T_s: LISA's interval K
+DEFAULT_SWITCH_EVERY = 50  # T_s: LISA's interval K (optimizer steps between redraws)
 DEFAULT_PROBE_STEPS = 10  # T_p: enough steps for a stable per-block mean; 0 for "uniform"
 DEFAULT_TEMPERATURE = 1.0  # tau, applied to scores divided by their mean (scale-free)
 DEFAULT_EMA = 0.5  # alpha: weight of the newest window in the refresh
@@ -27,8 +29,8 @@ DEFAULT_OUTSIDE_BLOCKS = "train"  # embeddings/norm/head are always trained, as 
 DEFAULT_PROBE_LOW_MEMORY = True  # free each gradient as soon as its norm is taken while probing
 DEFAULT_OFFLOAD = None  # state stays where torch.optim puts it unless asked
 DEFAULT_OFFLOAD_OVERLAP = True  # copies run on side streams, overlapped with compute
-# update_every (T_u) defaults to switch_every: the scores are refreshed right before each redraw,
-# from exactly the window the leaving blocks were trained in.
+# update_every (T_u, steps between refreshes of the scores) defaults to switch_every: the scores are
+# refreshed right before each redraw, from exactly the window the leaving blocks were trained in.
 
 OUTSIDE_BLOCKS_CHOICES = ("train", "freeze")
 SAMPLER_CHOICES = ("grass", "static", "uniform")
@@ -100,31 +102,33 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
 
 
+# Settings that change the schedule: a resume with other values does not continue the same run.
+SCHEDULE_FIELDS = ("active_layers", "switch_every", "probe_steps", "update_every")
+
+
 @dataclass(frozen=True)
 class GrassConfig:
-    """The GRASS schedule, validated. Built by :class:`~grass_optim.GrassAdamW` from its arguments.
+    """The validated schedule and placement settings. Built by :class:`~grass_optim.GrassAdamW`.
 
     ``probe_steps`` and ``update_every`` are resolved here (``None`` means the documented default),
     so the rest of the code never sees ``None``. ``active_layers`` is checked against the number of
-    blocks by the optimizer, which is the first to know it.
+    blocks by the optimizer, which is the first to know it. The sampler's hyperparameters
+    (temperature, ema, exploration) belong to the sampler: ``opt.sampler``.
     """
 
     active_layers: int = DEFAULT_ACTIVE_LAYERS
     switch_every: int = DEFAULT_SWITCH_EVERY
     probe_steps: int = DEFAULT_PROBE_STEPS
     update_every: int = DEFAULT_SWITCH_EVERY
-    temperature: float = DEFAULT_TEMPERATURE
-    ema: float = DEFAULT_EMA
-    exploration: float = DEFAULT_EXPLORATION
     outside_blocks: str = DEFAULT_OUTSIDE_BLOCKS
     probe_low_memory: bool = DEFAULT_PROBE_LOW_MEMORY
     offload: str | None = DEFAULT_OFFLOAD
     offload_overlap: bool = DEFAULT_OFFLOAD_OVERLAP
 
     @classmethod
-    def build(cls, *, active_layers: Any, switch_every: Any, probe_steps: Any, update_every: Any,
-              temperature: Any, ema: Any, exploration: Any, outside_blocks: Any,
-              probe_low_memory: Any, offload: Any = DEFAULT_OFFLOAD,
+    def build(cls, *, active_layers: Any = DEFAULT_ACTIVE_LAYERS, switch_every: Any = DEFAULT_SWITCH_EVERY,
+              probe_steps: Any = None, update_every: Any = None, outside_blocks: Any = DEFAULT_OUTSIDE_BLOCKS,
+              probe_low_memory: Any = DEFAULT_PROBE_LOW_MEMORY, offload: Any = DEFAULT_OFFLOAD,
               offload_overlap: Any = DEFAULT_OFFLOAD_OVERLAP, uses_importance: bool = True) -> GrassConfig:
         check_int("active_layers", active_layers, 1)
         check_int("switch_every", switch_every, 1)
@@ -134,14 +138,14 @@ class GrassConfig:
         if update_every is None:
             update_every = switch_every
         check_int("update_every", update_every, 1)
-        check_real("temperature", temperature, 0.0, low_open=True)
-        check_real("ema", ema, 0.0, 1.0, low_open=True)
-        check_real("exploration", exploration, 0.0, 1.0)
         check_choice("outside_blocks", outside_blocks, OUTSIDE_BLOCKS_CHOICES)
         check_bool("probe_low_memory", probe_low_memory)
         offload = resolve_offload(offload)
         check_bool("offload_overlap", offload_overlap)
         return cls(active_layers=int(active_layers), switch_every=int(switch_every), probe_steps=int(probe_steps),
-                   update_every=int(update_every), temperature=float(temperature), ema=float(ema),
-                   exploration=float(exploration), outside_blocks=outside_blocks,
+                   update_every=int(update_every), outside_blocks=outside_blocks,
                    probe_low_memory=probe_low_memory, offload=offload, offload_overlap=offload_overlap)
+
+    def schedule_settings(self) -> dict[str, int]:
+        """The settings that change the schedule (checkpointed, compared on resume, in the history)."""
+        return {f: getattr(self, f) for f in SCHEDULE_FIELDS}

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .layers import is_trainable
+from .freezing import is_trainable
 
-__all__ = ["check_ddp", "is_distributed", "is_sharded", "local", "same_on_all_ranks", "sum_over_ranks"]
+__all__ = ["RankChecks", "check_ddp", "is_distributed", "is_sharded", "local", "resolve_seed", "same_on_all_ranks",
+           "sum_over_ranks"]
 
 
 def is_distributed() -> bool:
@@ -33,6 +34,34 @@ def broadcast_seed(seed: int) -> int:
     t = torch.tensor([seed], dtype=torch.int64, device=_device())
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def resolve_seed(seed: int | None, check: bool) -> int:
+    """The schedule's seed: ``seed``, or ``torch.initial_seed()`` (read, not consumed) when ``None``.
+
+    In a multi-process run ``None`` takes rank 0's, so every rank draws the same blocks; an explicit
+    seed is checked to be the same on every rank (when ``check``).
+    """
+    resolved = int(seed) if seed is not None else torch.initial_seed() % (2**63)
+    if is_distributed():
+        if seed is None:
+            return broadcast_seed(resolved)
+        if check:
+            same_on_all_ranks(torch.tensor([resolved]), "seed", hint="Pass the same seed on every rank.")
+    return resolved
+
+
+class RankChecks:
+    """The schedule's agreement checks across data-parallel ranks (``distributed_checks=True``)."""
+
+    def window(self, mean: Tensor, measured: Tensor) -> None:
+        # Data-parallel ranks see the same averaged gradients, so the same norms.
+        same_on_all_ranks(torch.where(measured, mean, 0.0), "the gradient norms of the trained blocks",
+                          rtol=1e-5, hint=DDP_HINT)
+
+    def active(self, active: tuple[int, ...] | list[int]) -> None:
+        same_on_all_ranks(torch.tensor(active), "the active set",
+                          hint="Give GrassAdamW the same seed and settings on every rank.")
 
 
 def same_on_all_ranks(values: Tensor, what: str, *, rtol: float = 0.0, hint: str = "") -> None:
@@ -97,7 +126,7 @@ def check_ddp(model: nn.Module, managed: list[Tensor]) -> None:
     registered = logging_data().get("num_parameter_tensors") if callable(logging_data) else None
     if registered is None:
         return
-    ignored = getattr(model, "parameters_to_ignore", set())
+    ignored: set[str] = getattr(model, "parameters_to_ignore", set())
     wanted = {id(p) for n, p in model.module.named_parameters() if n not in ignored and is_trainable(p)}
     if registered < len(wanted):
         missing = len(wanted) - registered

@@ -1,6 +1,7 @@
 """Layer discovery: which modules are the sampled blocks, and which parameters are always trained.
 
-Blocks are the repeated layers of the model: the longest ``nn.ModuleList``/``nn.Sequential`` whose
+Blocks (the public API calls them "layers": ``active_layers``, ``layer_names``) are the repeated
+layers of the model: the longest ``nn.ModuleList``/``nn.Sequential`` whose
 children (those holding parameters) all have one type, e.g. ``model.layers`` (Llama),
 ``transformer.h`` (GPT-2) or ``encoder.layer`` (BERT/MiniLM). Lists nested inside another
 candidate's children (say, the experts inside each MoE layer) are not considered. Every parameter
@@ -12,34 +13,13 @@ outside: freezing it with one block would freeze it everywhere.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["LayerPartition", "find_layers", "is_trainable", "set_frozen_by_grass", "unwrap_model"]
-
-# Parameters that a GrassAdamW froze (requires_grad=False because their block is inactive). A second
-# optimizer built on the same model (resuming in the same process, estimating memory) must see them
-# as trainable, not as frozen by the user. Weak: the registry never keeps a parameter alive.
-# Keyed by id(): tensors compare element-wise, so they cannot be set members themselves.
-_FROZEN_BY_GRASS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-
-
-def set_frozen_by_grass(param: torch.Tensor, frozen: bool) -> None:
-    """Set ``requires_grad = not frozen`` and remember that GRASS, not the user, froze it."""
-    param.requires_grad_(not frozen)
-    if frozen:
-        _FROZEN_BY_GRASS[id(param)] = param
-    else:
-        _FROZEN_BY_GRASS.pop(id(param), None)
-
-
-def is_trainable(param: torch.Tensor) -> bool:
-    """``requires_grad``, or frozen only because GRASS made its block inactive."""
-    return param.requires_grad or _FROZEN_BY_GRASS.get(id(param)) is param
+__all__ = ["LayerPartition", "find_layers", "unwrap_model"]
 
 _HOW_TO_PASS = ("pass layers= to GrassAdamW: a dotted path to the list of blocks (e.g. "
                 "layers='model.layers') or a list of the block modules")
@@ -82,6 +62,16 @@ class LayerPartition:
 
     def contains(self, param: torch.Tensor) -> bool:
         return id(param) in self._owner
+
+    def check_unchanged(self) -> None:
+        """Raise ``RuntimeError`` if a block no longer holds the parameters found in it (FSDP2's
+        ``fully_shard`` and some wrappers replace them: an optimizer built before would train nothing)."""
+        for name, block, params in zip(self.names, self.blocks, self.block_params, strict=True):
+            now = {id(p) for p in block.parameters()}
+            if any(id(p) not in now for p in params):
+                raise RuntimeError(f"GrassAdamW: the parameters of block {name!r} were replaced after the optimizer "
+                                   "was built (e.g. by fully_shard), so it would train nothing. Build GrassAdamW "
+                                   "after fully_shard and any other wrapper that replaces parameters")
 
 
 def _param_children(container: nn.Module) -> list[nn.Module]:

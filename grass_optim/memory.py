@@ -1,25 +1,30 @@
-"""Memory accounting: what the optimizer holds now (:class:`MemoryReport`) and what a setup will
-need on the device before training starts (:func:`estimate_memory`)."""
+"""Memory accounting: what the optimizer holds now (:func:`memory_report`) and what a setup will
+need on the device before training starts (:func:`estimate_memory`).
+
+Both count optimizer state the same way: tensors of one or more dimensions (moments, momentum
+buffers) where they are; 0-d tensors (AdamW's ``step``) apart. Which blocks' state the device
+holds under each ``offload=`` mode comes from :class:`~grass_optim.placement.OffloadPolicy`.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import DEFAULT_ACTIVE_LAYERS, DEFAULT_OUTSIDE_BLOCKS, OUTSIDE_BLOCKS_CHOICES, check_choice, check_int
-from .layers import find_layers, is_trainable
+from .freezing import is_trainable
+from .layers import LayerPartition, find_layers
+from .offload import StateOffloader
+from .placement import OffloadPolicy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemoryEstimate", "MemoryReport", "estimate_memory"]
-
-# Blocks whose state a "stream" step holds on the device at once: the one being updated and the
-# one being prefetched (the write-back of the previous one is in flight, its memory about to be freed).
-STREAM_RESIDENT_BLOCKS = 2
+__all__ = ["MemoryEstimate", "MemoryReport", "estimate_memory", "memory_report"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,34 @@ class MemoryReport:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def memory_report(state: Mapping[Any, dict[str, Any]], partition: LayerPartition,
+                  offloader: StateOffloader | None) -> MemoryReport:
+    """Where the state in ``state`` (an optimizer's ``state``) is now. Reads sizes only: no sync."""
+    per_block = [0] * partition.num_layers
+    outside = host = scalars = 0
+    for p, st in state.items():
+        block = partition.owner(p) if partition.contains(p) else None
+        for k, v in st.items():
+            if not isinstance(v, Tensor):
+                continue
+            nbytes = v.numel() * v.element_size()
+            if v.dim() == 0:
+                scalars += nbytes  # step counters: never moved, a few bytes each
+            elif (offloader is not None and offloader.is_parked(p, k, v)) or v.device != p.device:
+                host += nbytes
+            elif block is None:
+                outside += nbytes
+            else:
+                per_block[block] += nbytes
+    buffers = offloader.host_buffer_bytes if offloader is not None else 0
+    return MemoryReport(
+        device_state_bytes=sum(per_block) + outside, host_state_bytes=host, scalar_state_bytes=scalars,
+        pinned_bytes=buffers if offloader is not None and offloader.asynchronous else 0, host_buffer_bytes=buffers,
+        bytes_to_host=offloader.bytes_to_host if offloader is not None else 0,
+        bytes_to_device=offloader.bytes_to_device if offloader is not None else 0,
+        device_state_bytes_per_block=tuple(per_block), device_state_bytes_outside=outside)
 
 
 @dataclass(frozen=True)
@@ -116,13 +149,16 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
                 "total": weights + grads + opt_state}
 
     grads = sum(block_grad[:active_layers]) + out_grad
-    kept_all = sum(block_state) + out_state
+
+    def kept(mode: str | None) -> int:  # the largest blocks the policy may hold on the device at once
+        return sum(block_state[:OffloadPolicy(mode).device_blocks(active_layers, part.num_layers)]) + out_state
+
     rows = {
         "adamw": row(sum(size(p) for p in all_trainable), sum(state(p) for p in all_trainable)),
-        "lisa": row(grads, kept_all),
-        "grass": row(grads, kept_all),
-        "grass-inactive": row(grads, sum(block_state[:active_layers]) + out_state),
-        "grass-stream": row(grads, sum(block_state[:min(active_layers, STREAM_RESIDENT_BLOCKS)]) + out_state),
+        "lisa": row(grads, kept(None)),
+        "grass": row(grads, kept(None)),
+        "grass-inactive": row(grads, kept("inactive")),
+        "grass-stream": row(grads, kept("stream")),
     }
     block_numel = tuple(sum(p.numel() for p in ps) for ps in blocks)
     outside_numel = sum(p.numel() for p in outside)

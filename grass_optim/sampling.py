@@ -13,8 +13,9 @@ The tensors handed to a sampler are 1-D CPU tensors over the blocks that can be 
 scores, a bool ``measured`` mask); the optimizer maps indices back to block numbers. In
 ``refresh``, a block never measured before has score NaN; ``probabilities`` always gets finite
 scores (the optimizer gives unscored blocks the mean score). A sampler may also set ``uses_importance =
-False`` (then the default ``probe_steps`` is 0) and may define ``state_dict()`` /
-``load_state_dict()``, which the optimizer checkpoints with its own state.
+False`` (then the default ``probe_steps`` is 0), may declare in ``settings`` which GrassAdamW
+arguments change what it does (the others are warned about when given), and may define
+``state_dict()`` / ``load_state_dict()``, which the optimizer checkpoints with its own state.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .config import DEFAULT_EMA, DEFAULT_EXPLORATION, DEFAULT_TEMPERATURE, check
 from .importance import ema_update
 
 __all__ = [
+    "SAMPLER_ARGUMENTS",
     "GrassSampler",
     "Sampler",
     "StaticSampler",
@@ -115,14 +117,24 @@ def inclusion_probabilities(probabilities: Tensor, k: int) -> Tensor:
     return torch.tensor(result, dtype=torch.float64)
 
 
+# GrassAdamW arguments that build a sampler named by a string; a sampler object carries its own.
+SAMPLER_ARGUMENTS = ("temperature", "ema", "exploration")
+
+
 class Sampler:
     """Base class for samplers; see the module docstring for the protocol.
 
     Defaults: scores are kept as they are (``refresh`` is the identity), the distribution is
     uniform, and the draw is :func:`sample_without_replacement`.
+
+    ``settings`` names the GrassAdamW arguments this sampler's behaviour depends on: its
+    hyperparameters among :data:`SAMPLER_ARGUMENTS` (used when GrassAdamW builds it from a name),
+    and ``"update_every"`` when its ``refresh`` does something (it is called every ``update_every``
+    steps). A setting given to GrassAdamW but not used is warned about.
     """
 
     uses_importance: bool = True
+    settings: tuple[str, ...] = ("update_every",)
 
     def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
         return importance
@@ -140,6 +152,8 @@ class Sampler:
 
 class GrassSampler(Sampler):
     """Adaptive GRASS: EMA refresh of measured blocks, scale-free softmax with temperature."""
+
+    settings = ("temperature", "ema", "exploration", "update_every")
 
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE, ema: float = DEFAULT_EMA,
                  exploration: float = DEFAULT_EXPLORATION) -> None:
@@ -164,6 +178,8 @@ class StaticSampler(GrassSampler):
     window if it was not measured while probing) and keeps it.
     """
 
+    settings = ("temperature", "exploration")
+
     def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
         return torch.where(torch.isnan(importance) & measured, window_mean, importance)
 
@@ -172,24 +188,43 @@ class UniformSampler(Sampler):
     """LISA: every block equally likely, whatever the scores."""
 
     uses_importance = False
+    settings = ()
 
 
-def resolve_sampler(sampler: Any, *, temperature: float, ema: float, exploration: float) -> Sampler:
-    """Turn the ``sampler=`` argument into a sampler object (validating a user's object)."""
-    if isinstance(sampler, str):
-        if sampler == "grass":
-            return GrassSampler(temperature, ema, exploration)
-        if sampler == "static":
-            return StaticSampler(temperature, ema, exploration)
-        if sampler == "uniform":
-            return UniformSampler()
+_NAMED: dict[str, Any] = {"grass": GrassSampler, "static": StaticSampler, "uniform": UniformSampler}
+
+
+def resolve_sampler(sampler: Any, *, temperature: float = DEFAULT_TEMPERATURE, ema: float = DEFAULT_EMA,
+                    exploration: float = DEFAULT_EXPLORATION) -> Sampler:
+    """Turn the ``sampler=`` argument into a sampler object (validating a user's object).
+
+    ``temperature``, ``ema`` and ``exploration`` are validated whatever the sampler, so a bad value
+    is an error even where it would have no effect.
+    """
+    if isinstance(sampler, str) and sampler not in _NAMED:
         raise ValueError(f"Invalid sampler: {sampler!r} (expected 'grass', 'static', 'uniform' "
                          "or an object with refresh(), probabilities() and draw() methods)")
     if isinstance(sampler, type):
         raise TypeError(f"Invalid sampler: the class {sampler.__name__} (expected an instance, e.g. "
                         f"{sampler.__name__}())")
-    missing = [m for m in ("refresh", "probabilities", "draw") if not callable(getattr(sampler, m, None))]
-    if missing:
-        raise TypeError(f"Invalid sampler: {sampler!r} lacks {', '.join(missing)}() (expected 'grass', "
-                        "'static', 'uniform' or an object implementing the grass_optim.Sampler protocol)")
+    if not isinstance(sampler, str):
+        missing = [m for m in ("refresh", "probabilities", "draw") if not callable(getattr(sampler, m, None))]
+        if missing:
+            raise TypeError(f"Invalid sampler: {sampler!r} lacks {', '.join(missing)}() (expected 'grass', "
+                            "'static', 'uniform' or an object implementing the grass_optim.Sampler protocol)")
+    check_real("temperature", temperature, 0.0, low_open=True)
+    check_real("ema", ema, 0.0, 1.0, low_open=True)
+    check_real("exploration", exploration, 0.0, 1.0)
+    if isinstance(sampler, str):
+        return UniformSampler() if sampler == "uniform" else _NAMED[sampler](temperature, ema, exploration)
     return sampler
+
+
+def unused_settings(sampler: Any, resolved: Any, given: dict[str, Any]) -> list[str]:
+    """The settings in ``given`` (name -> value, only those that differ from their default) that
+    have no effect with this sampler: those it does not declare in ``settings``, and, for a sampler
+    object (not a name), every one of :data:`SAMPLER_ARGUMENTS`, which it carries itself."""
+    declared = set(getattr(resolved, "settings", Sampler.settings))
+    if not isinstance(sampler, str):
+        declared -= set(SAMPLER_ARGUMENTS)
+    return [name for name in given if name not in declared]

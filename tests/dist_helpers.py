@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from grass_optim import GrassAdamW
-from grass_optim.layers import set_frozen_by_grass
+from grass_optim.freezing import set_frozen_by_grass
 from tests.models import batches, loss_fn, make_net
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -202,7 +202,7 @@ def test_model_moved_to_cuda_after_the_optimizer_was_built(mode):
     torch.cuda.synchronize()
     for a, b in zip(ref.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert opt._device.type == "cuda"
+    assert opt.schedule.device.type == "cuda"
 
 
 @pytest.mark.parametrize("mode", ["inactive", "stream"])

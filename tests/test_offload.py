@@ -70,7 +70,7 @@ def test_offload_is_bit_identical_to_offload_off(mode):
 
 
 def _block_bytes(opt, i):
-    return sum(v.numel() * v.element_size() for p in opt._managed[i] for v in opt.state[p].values()
+    return sum(v.numel() * v.element_size() for p in opt.partition.block_params[i] for v in opt.state[p].values()
                if isinstance(v, torch.Tensor))
 
 
@@ -91,7 +91,7 @@ def test_states_live_where_the_mode_says(mode):
     final = opt.memory_report()
     if mode is not None:  # every byte of a block state is either resident or parked, never both
         movable = sum(_block_bytes(opt, i) for i in range(L)) - final.scalar_state_bytes + \
-            sum(v.numel() * v.element_size() for p in opt._managed_outside for v in opt.state[p].values()
+            sum(v.numel() * v.element_size() for p in opt.partition.outside_params for v in opt.state[p].values()
                 if v.dim() == 0)
         assert sum(final.device_state_bytes_per_block) + final.host_state_bytes == movable
 

@@ -21,6 +21,7 @@ from grass_optim.sampling import (
     resolve_sampler,
     sample_without_replacement,
     scale_free_softmax,
+    unused_settings,
 )
 
 F64 = torch.float64
@@ -520,9 +521,66 @@ def test_resolve_sampler_bad_string(name):
         resolve_sampler(name, **HYPER)
 
 
-def test_resolve_sampler_validates_hyperparameters_for_strings():
-    with pytest.raises(ValueError, match="Invalid temperature"):
-        resolve_sampler("grass", temperature=0.0, ema=0.5, exploration=0.0)
+# The sampler hyperparameters GrassAdamW takes, checked whatever the sampler (even where unused).
+BAD_HYPER = [
+    # (argument, value, exception)
+    ("temperature", 0.0, ValueError),
+    ("temperature", 0, ValueError),
+    ("temperature", -0.5, ValueError),
+    ("temperature", math.inf, ValueError),
+    ("temperature", math.nan, ValueError),
+    ("temperature", True, TypeError),
+    ("temperature", "1.0", TypeError),
+    ("temperature", None, TypeError),
+    ("ema", 0.0, ValueError),
+    ("ema", 1.0000001, ValueError),
+    ("ema", -0.1, ValueError),
+    ("ema", math.nan, ValueError),
+    ("ema", False, TypeError),
+    ("ema", [0.5], TypeError),
+    ("exploration", -1e-9, ValueError),
+    ("exploration", 1.5, ValueError),
+    ("exploration", math.inf, ValueError),
+    ("exploration", True, TypeError),
+]
+
+
+@pytest.mark.parametrize("sampler", ["grass", "static", "uniform", "object"])
+@pytest.mark.parametrize(("name", "value", "exc"), BAD_HYPER, ids=[f"{n}={v!r}" for n, v, _ in BAD_HYPER])
+def test_resolve_sampler_validates_hyperparameters_for_every_sampler(sampler, name, value, exc):
+    arg = UniformSampler() if sampler == "object" else sampler
+    with pytest.raises(exc, match=re.escape(f"Invalid {name}: {value!r}")):
+        resolve_sampler(arg, **{**HYPER, name: value})
+
+
+def test_resolve_sampler_accepts_boundaries_as_floats():
+    g = resolve_sampler("grass", temperature=1, ema=1, exploration=1)
+    assert (g.temperature, g.ema, g.exploration) == (1.0, 1.0, 1.0)
+    assert all(type(x) is float for x in (g.temperature, g.ema, g.exploration))
+    assert resolve_sampler("grass", temperature=1e-12, ema=1e-12, exploration=0).exploration == 0.0
+
+
+def test_each_sampler_declares_the_settings_it_uses():
+    assert set(GrassSampler.settings) == {"temperature", "ema", "exploration", "update_every"}
+    assert set(StaticSampler.settings) == {"temperature", "exploration"}
+    assert UniformSampler.settings == ()
+    assert Sampler.settings == ("update_every",)  # a custom refresh runs every update_every steps
+
+
+GIVEN = {"temperature": 2.0, "ema": 0.3, "exploration": 0.1, "update_every": 5}
+
+
+@pytest.mark.parametrize(("sampler", "unused"), [
+    ("grass", []),
+    ("static", ["ema", "update_every"]),
+    ("uniform", ["temperature", "ema", "exploration", "update_every"]),
+    (GrassSampler(), ["temperature", "ema", "exploration"]),  # an object carries its own hyperparameters
+    (UniformSampler(), ["temperature", "ema", "exploration", "update_every"]),
+    ("duck", ["temperature", "ema", "exploration"]),  # no `settings`: treated as a Sampler
+], ids=["grass", "static", "uniform", "GrassSampler()", "UniformSampler()", "duck-typed"])
+def test_unused_settings(sampler, unused):
+    arg = _DuckSampler() if sampler == "duck" else sampler
+    assert unused_settings(arg, resolve_sampler(arg), GIVEN) == unused
 
 
 class _NoDraw:

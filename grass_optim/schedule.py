@@ -1,0 +1,284 @@
+"""The GRASS schedule as a plain object: every number that changes the future, and its transitions.
+
+A :class:`Schedule` knows the blocks only as indices ``0..L-1`` with a parameter count each; it
+needs no model, no optimizer and no gradients, so its invariants are tested on their own
+(``tests/test_schedule.py``). One optimizer step is, in order:
+
+1. :meth:`Schedule.record` adds this step's per-block squared gradient norms to the open window (on
+   the gradients' device, without a host synchronisation);
+2. the update of the blocks in :attr:`Schedule.active_blocks` happens elsewhere (nothing while
+   :attr:`Schedule.is_probing`);
+3. :meth:`Schedule.advance` counts the step and, when due, ends probing, refreshes the scores from
+   the window and redraws the active set; it returns which of these happened.
+
+Everything that changes the future is listed once, in the constants below, and
+:meth:`~Schedule.state_dict`, :meth:`~Schedule.check_state_dict`, :meth:`~Schedule.load_state_dict`
+and :meth:`~Schedule.to` follow those lists: a new field is one new line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .config import GrassConfig
+from .importance import accumulate_window, block_grad_rms, window_mean
+
+__all__ = ["REDRAW_EVENTS", "STATE_VERSION", "Schedule"]
+
+STATE_VERSION = 1
+
+# Checkpoint keys, by lifecycle. Identity of the run: checked against this schedule, never restored.
+VERSION, NUM_LAYERS, LAYER_NUMEL, CONFIG = "version", "num_layers", "layer_numel", "config"
+# Restored on load.
+STEP, SEED, ACTIVE, GENERATOR, SAMPLER = "step", "seed", "active", "generator", "sampler"
+# Restored on load: one entry per block. name -> (dtype, lives on the gradients' device).
+VECTORS: dict[str, tuple[torch.dtype, bool]] = {
+    "importance": (torch.float64, False),  # scores; NaN: not measured yet, 0: block never drawn
+    "probabilities": (torch.float64, False),  # the distribution of the next draws
+    "window_sum": (torch.float32, True),  # sum of per-step RMS since the last refresh
+    "window_count": (torch.int64, True),  # steps measured since the last refresh
+    "probe_sq": (torch.float32, True),  # squared norms the probing hooks collected this step
+    "probe_hits": (torch.int64, True),  # gradients the probing hooks saw this step
+}
+REQUIRED = (VERSION, NUM_LAYERS, LAYER_NUMEL, STEP, SEED, ACTIVE, *VECTORS, GENERATOR)  # SAMPLER, CONFIG optional
+
+# Events returned by advance(); those that change the active set.
+PROBE_END, REFRESH, REDRAW, REFRESH_REDRAW = "probe_end", "refresh", "redraw", "refresh+redraw"
+REDRAW_EVENTS = frozenset({PROBE_END, REDRAW, REFRESH_REDRAW})
+
+
+class RankAgreement(Protocol):
+    """Checks that data-parallel ranks agree (``distributed.RankChecks``); raises otherwise."""
+
+    def window(self, mean: Tensor, measured: Tensor) -> None: ...
+
+    def active(self, active: Sequence[int]) -> None: ...
+
+
+class Schedule:
+    """Probing, windows, refreshes and redraws of GRASS over ``len(numel)`` blocks.
+
+    Args:
+        config (GrassConfig): the schedule's settings.
+        sampler: the sampler (:mod:`grass_optim.sampling` protocol).
+        numel (sequence of int): trainable parameters per block; a block with 0 is never drawn.
+        seed (int): seed of the schedule's own CPU ``torch.Generator`` (the global RNG is never used).
+        device (torch.device): where the per-step accumulators live (the gradients' device).
+        ranks (RankAgreement, optional): multi-process agreement checks at refreshes and redraws.
+    """
+
+    def __init__(self, config: GrassConfig, sampler: Any, numel: Sequence[int], seed: int,
+                 device: torch.device | str = "cpu", ranks: RankAgreement | None = None) -> None:
+        self.config = config
+        self.sampler = sampler
+        self.ranks = ranks
+        self.numel = [int(n) for n in numel]
+        self.sampleable = torch.tensor([n > 0 for n in self.numel], dtype=torch.bool)  # CPU, for the sampler
+        if config.active_layers > int(self.sampleable.sum()):
+            raise ValueError(f"Invalid active_layers: {config.active_layers} (expected an int in "
+                             f"[1, {int(self.sampleable.sum())}]: the blocks with trainable parameters)")
+        self.device = torch.device(device)
+        self._numel = torch.tensor(self.numel, dtype=torch.float32, device=self.device)
+        self.step = 0
+        self.seed = int(seed)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.seed)
+        self.active: tuple[int, ...] = ()
+        for name, (dtype, on_device) in VECTORS.items():
+            setattr(self, name, torch.zeros(self.num_blocks, dtype=dtype, device=self.device if on_device else "cpu"))
+        self.importance = torch.where(self.sampleable, math.nan, 0.0).to(torch.float64)
+        if config.probe_steps == 0:  # no probing: the first draw is now, from unscored (average) blocks
+            self.probabilities = self._compute_probabilities()
+            self.active = self._draw()
+
+    # ------------------------------------------------------------------ read-only view
+    @property
+    def num_blocks(self) -> int:
+        return len(self.numel)
+
+    @property
+    def is_probing(self) -> bool:
+        """True during the first ``probe_steps`` steps (measure every block, update none)."""
+        return self.step < self.config.probe_steps
+
+    @property
+    def active_blocks(self) -> tuple[int, ...]:
+        """The blocks that get gradients now: every sampleable block while probing, else the active set."""
+        if self.is_probing:
+            return tuple(int(i) for i in self.sampleable.nonzero().flatten().tolist())
+        return self.active
+
+    @property
+    def current_probabilities(self) -> Tensor:
+        """The distribution over the blocks (uniform over the sampleable ones while probing); a copy."""
+        if self.is_probing:
+            return self._uniform()
+        return self.probabilities.clone()
+
+    # ------------------------------------------------------------------ transitions
+    def record(self, sq_norms: Tensor, hits: Tensor) -> None:
+        """Add this step's RMS ``sqrt(sq_norms / numel)`` of the blocks with ``hits > 0`` to the window.
+
+        Runs on the device without reading anything back: ordinary steps never synchronise.
+        """
+        accumulate_window(self.window_sum, self.window_count, block_grad_rms(sq_norms, self._numel), hits > 0)
+
+    def take_probe_sums(self) -> tuple[Tensor, Tensor]:
+        """The squared norms and hit counts the probing hooks collected this step; then reset them."""
+        sq, hits = self.probe_sq.clone(), self.probe_hits.clone()
+        self.drop_probe_sums()
+        return sq, hits
+
+    def drop_probe_sums(self) -> None:
+        """Forget this step's probing sums (their gradients were cleared before any step used them)."""
+        self.probe_sq.zero_()
+        self.probe_hits.zero_()
+
+    def advance(self) -> str | None:
+        """Count one optimizer step; end probing, refresh and redraw when due.
+
+        Returns ``"probe_end"``, ``"refresh"``, ``"redraw"``, ``"refresh+redraw"`` or ``None``.
+        With ``n`` steps since probing ended: probing ends at ``n == 0`` (a refresh on the probing
+        window, then the first draw); a refresh when ``n % update_every == 0``, then a redraw when
+        ``n % switch_every == 0``, so a redraw on the same step uses the newest scores.
+        """
+        self.step += 1
+        c = self.config
+        n = self.step - c.probe_steps
+        if n < 0:
+            return None
+        if n == 0 and c.probe_steps > 0:
+            self._refresh()  # every block measured while probing takes its probing mean as its score
+            self.active = self._draw()
+            return PROBE_END
+        refreshed, redrawn = n % c.update_every == 0, n % c.switch_every == 0
+        if refreshed:
+            self._refresh()
+        if redrawn:
+            self.active = self._draw()
+        if refreshed and redrawn:
+            return REFRESH_REDRAW
+        return REFRESH if refreshed else REDRAW if redrawn else None
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the per-step accumulators (e.g. when the model moved after construction)."""
+        self.device = torch.device(device)
+        self._numel = self._numel.to(self.device)
+        for name, (_, on_device) in VECTORS.items():
+            if on_device:
+                setattr(self, name, getattr(self, name).to(self.device))
+
+    # ------------------------------------------------------------------ the math, in order
+    def _refresh(self) -> None:
+        mean = window_mean(self.window_sum, self.window_count).to("cpu", torch.float64)
+        measured = (self.window_count > 0).cpu()
+        if self.ranks is not None:
+            self.ranks.window(mean, measured)
+        self.window_sum.zero_()
+        self.window_count.zero_()
+        s = self.sampleable
+        new = self.sampler.refresh(self.importance[s], mean[s], measured[s])
+        new = torch.as_tensor(new, dtype=torch.float64).flatten()
+        if new.numel() != int(s.sum()) or bool(torch.isinf(new).any()):
+            raise RuntimeError(f"sampler.refresh returned {new.tolist()} (expected {int(s.sum())} scores, "
+                               "finite or NaN for blocks without a score yet)")
+        self.importance = self.importance.clone()
+        self.importance[s] = new
+        self.probabilities = self._compute_probabilities()
+
+    def _uniform(self) -> Tensor:
+        s = self.sampleable.to(torch.float64)
+        return s / s.sum()
+
+    def _compute_probabilities(self) -> Tensor:
+        s = self.sampleable
+        scores = self.importance[s]
+        known = ~torch.isnan(scores)
+        # A block without a score yet counts as average: neither favoured nor starved.
+        fill = scores[known].mean() if bool(known.any()) else torch.tensor(1.0, dtype=torch.float64)
+        scores = torch.where(known, scores, fill)
+        p = torch.as_tensor(self.sampler.probabilities(scores), dtype=torch.float64).flatten()
+        if p.numel() != int(s.sum()) or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or p.sum() <= 0:
+            raise RuntimeError(f"sampler.probabilities returned {p.tolist()} (expected {int(s.sum())} "
+                               "finite non-negative numbers with a positive sum)")
+        full = torch.zeros(self.num_blocks, dtype=torch.float64)
+        full[s] = p / p.sum()
+        return full
+
+    def _draw(self) -> tuple[int, ...]:
+        sampleable = [int(i) for i in self.sampleable.nonzero().flatten().tolist()]
+        k = self.config.active_layers
+        drawn = self.sampler.draw(self.probabilities[sampleable], k, self.generator)
+        picked = [int(i) for i in torch.as_tensor(drawn).flatten().tolist()]
+        if len(picked) != k or len(set(picked)) != k or not all(0 <= i < len(sampleable) for i in picked):
+            raise RuntimeError(f"sampler.draw returned {picked} (expected {k} distinct indices in "
+                               f"[0, {len(sampleable)}))")
+        active = tuple(sorted(sampleable[i] for i in picked))
+        if self.ranks is not None:
+            self.ranks.active(active)
+        return active
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Every field that changes the future, as copies (plain tensors, ints and lists)."""
+        sampler_state = self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None
+        return {
+            VERSION: STATE_VERSION, NUM_LAYERS: self.num_blocks, LAYER_NUMEL: list(self.numel),
+            STEP: self.step, SEED: self.seed, ACTIVE: list(self.active),
+            **{name: getattr(self, name).to("cpu", copy=True) for name in VECTORS},
+            GENERATOR: self.generator.get_state(), SAMPLER: sampler_state, CONFIG: self.config.schedule_settings(),
+        }
+
+    def check_state_dict(self, state: Any) -> dict[str, Any]:
+        """Validate a :meth:`state_dict` against this schedule without changing anything.
+
+        Returns the values :meth:`load_state_dict` would set; raises ``ValueError`` naming what is wrong.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"Invalid state_dict: the 'grass' entry is a {type(state).__name__}, not a dict")
+        missing = [k for k in REQUIRED if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state_dict: the 'grass' entry lacks {', '.join(missing)}")
+        if state[VERSION] != STATE_VERSION:
+            raise ValueError(f"Invalid state_dict: GRASS state version {state[VERSION]!r} "
+                             f"(this grass_optim reads version {STATE_VERSION})")
+        if state[NUM_LAYERS] != self.num_blocks or list(state[LAYER_NUMEL]) != self.numel:
+            raise ValueError(
+                f"Invalid state_dict: saved for a model with {state[NUM_LAYERS]} blocks of sizes "
+                f"{list(state[LAYER_NUMEL])}, but this optimizer has {self.num_blocks} blocks of sizes {self.numel}")
+        active = [int(i) for i in state[ACTIVE]]
+        if any(not (0 <= i < self.num_blocks and bool(self.sampleable[i])) for i in active):
+            raise ValueError(f"Invalid state_dict: active blocks {active} are not trainable blocks of this model")
+        out: dict[str, Any] = {STEP: int(state[STEP]), SEED: int(state[SEED]), ACTIVE: tuple(active),
+                               GENERATOR: state[GENERATOR], SAMPLER: state.get(SAMPLER)}
+        for name, (dtype, on_device) in VECTORS.items():
+            value = state[name]
+            if not isinstance(value, Tensor) or value.shape != (self.num_blocks,):
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"Invalid state_dict: 'grass' entry {name!r} is {got} "
+                                 f"(expected a tensor of shape ({self.num_blocks},))")
+            out[name] = value.to(self.device if on_device else "cpu", dtype, copy=True)
+        return out
+
+    def changed_settings(self, state: dict[str, Any]) -> list[str]:
+        """``"name: saved -> now"`` for each schedule setting that differs from the checkpoint's."""
+        saved, now = state.get(CONFIG) or {}, self.config.schedule_settings()
+        return [f"{k}: {saved[k]} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (validated first: a bad one changes nothing)."""
+        self.apply_checked(self.check_state_dict(state))
+
+    def apply_checked(self, values: dict[str, Any]) -> None:
+        """Set the values returned by :meth:`check_state_dict` (cannot fail)."""
+        self.step, self.seed, self.active = values[STEP], values[SEED], values[ACTIVE]
+        for name in VECTORS:  # in place: the probing hooks hold views of probe_sq and probe_hits
+            getattr(self, name).copy_(values[name])
+        self.generator.set_state(values[GENERATOR].cpu())
+        if values[SAMPLER] is not None and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(values[SAMPLER])
