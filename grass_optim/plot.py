@@ -101,7 +101,7 @@ def load_history(source: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(f"{where}invalid history: config is a {type(config).__name__}, expected a dict")
 
-    events = []
+    events: list[dict[str, Any]] = []
     width = None
     for k, e in enumerate(raw["events"]):
         if not isinstance(e, dict) or any(key not in e for key in _EVENT_KEYS):
@@ -279,7 +279,7 @@ def plot_history(history: Any, path: str | os.PathLike[str] | None = None, *, ti
                            shading="flat", rasterized=True)
     fig.colorbar(mesh, ax=ax_p, label="sampling probability", pad=0.01, fraction=0.04)
     lw = 1.8 if n_blocks <= 16 else 1.0
-    handles = []
+    handles: list[Any] = []
     for b in range(n_blocks):
         flags = [b in e["active"] and not in_probing[k] for k, e in enumerate(events)]
         for i, j in _runs(flags):

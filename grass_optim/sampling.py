@@ -153,7 +153,7 @@ class Sampler:
 class GrassSampler(Sampler):
     """Adaptive GRASS: EMA refresh of measured blocks, scale-free softmax with temperature."""
 
-    settings = ("temperature", "ema", "exploration", "update_every")
+    settings: tuple[str, ...] = ("temperature", "ema", "exploration", "update_every")
 
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE, ema: float = DEFAULT_EMA,
                  exploration: float = DEFAULT_EXPLORATION) -> None:
@@ -178,7 +178,7 @@ class StaticSampler(GrassSampler):
     window if it was not measured while probing) and keeps it.
     """
 
-    settings = ("temperature", "exploration")
+    settings: tuple[str, ...] = ("temperature", "exploration")
 
     def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
         return torch.where(torch.isnan(importance) & measured, window_mean, importance)
@@ -188,7 +188,7 @@ class UniformSampler(Sampler):
     """LISA: every block equally likely, whatever the scores."""
 
     uses_importance = False
-    settings = ()
+    settings: tuple[str, ...] = ()
 
 
 _NAMED: dict[str, Any] = {"grass": GrassSampler, "static": StaticSampler, "uniform": UniformSampler}

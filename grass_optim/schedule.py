@@ -72,6 +72,14 @@ class Schedule:
         ranks (RankAgreement, optional): multi-process agreement checks at refreshes and redraws.
     """
 
+    # The per-block vectors, one per entry of VECTORS (which the code iterates); declared for type checkers.
+    importance: Tensor
+    probabilities: Tensor
+    window_sum: Tensor
+    window_count: Tensor
+    probe_sq: Tensor
+    probe_hits: Tensor
+
     def __init__(self, config: GrassConfig, sampler: Any, numel: Sequence[int], seed: int,
                  device: torch.device | str = "cpu", ranks: RankAgreement | None = None) -> None:
         self.config = config

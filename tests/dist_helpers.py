@@ -9,7 +9,7 @@ same point (all GrassAdamW's checks do: they raise after a collective every rank
 leaves the group usable. A task that hangs (a rank stuck in a collective) makes the pool unusable;
 :meth:`WorkerPool.run` then kills it and the next task starts a fresh one.
 
-Data: each step has one global batch of 16 rows (``tests.models.batches``); rank r trains on rows
+Data: each step has one global batch of 16 rows (``tests.helpers.batches``); rank r trains on rows
 ``[8r, 8r + 8)``. The loss is a mean, and DDP and FSDP2 average gradients over ranks, so the
 averaged gradient is the gradient of the global batch: a 1-process run on the global batches
 (:func:`train_reference`) is the reference the multi-process runs are compared to.
@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from grass_optim import GrassAdamW
 from grass_optim.freezing import set_frozen_by_grass
-from tests.models import batches, loss_fn, make_net
+from tests.helpers import batches, loss_fn, make_net
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -1,4 +1,8 @@
-"""The examples run end to end: ``python examples/quickstart.py --quick`` (~15 s on 2 CPU cores)."""
+"""The examples run end to end as a user runs them: ``examples/quickstart.py --quick`` (~15 s on 2 CPU
+cores) and ``examples/wrap_existing_optimizer.py`` with both kinds of base optimizer. The distributed
+and Hugging Face examples are run by tests/test_distributed.py and tests/test_hf_trainer.py."""
+
+from __future__ import annotations
 
 import os
 import re
@@ -43,3 +47,22 @@ def test_quickstart_quick():
         ratios[label] = float(m[2])
     assert ratios["GrassAdamW, on the device"] < 0.6, out
     assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("args", [[], ["--optimizer", "sgd", "--steps", "120"]], ids=["adamw", "sgd-short"])
+def test_wrap_existing_optimizer_example_runs_and_learns(args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "examples/wrap_existing_optimizer.py", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    base = "SGD" if "sgd" in args else "AdamW"
+    assert f"base optimizer: {base} with 2 groups" in out
+    # 2 user groups x (outside + 6 blocks); the scheduler reached every one of them.
+    assert "split them into 14 groups" in out
+    assert re.search(r"final lr of all 14 groups: \['1\.00e-05'\]", out), out
+    draws = re.findall(r"^\s*\d+ blocks (\d),(\d)\s", out, flags=re.M)
+    assert len(draws) >= 3 and all(a != b for a, b in draws), out
+    assert re.search(r"^\s*0 probing", out, flags=re.M), out
+    before, after = map(float, re.search(r"eval loss: ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before / 5, out

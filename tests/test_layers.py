@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from grass_optim import GrassAdamW, find_layers, unwrap_model
-from tests.models import TinyNet, make_net
+from tests.helpers import TinyNet, make_net
 
 
 def _hf_models():

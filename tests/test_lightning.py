@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grass_optim import GrassAdamW
-from tests.models import batches, loss_fn, make_net
+from tests.helpers import batches, loss_fn, make_net
 
 L = pytest.importorskip("lightning")
 

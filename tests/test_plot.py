@@ -13,7 +13,7 @@ import pytest
 
 from grass_optim import GrassAdamW
 from grass_optim.plot import load_history, main, plot_history, save_history
-from tests.models import batches, make_net, train
+from tests.helpers import batches, make_net, train
 
 matplotlib = pytest.importorskip("matplotlib")
 

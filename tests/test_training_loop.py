@@ -13,49 +13,33 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.optim import lr_scheduler as S
 
-from grass_optim import GrassAdamW, GrassSampler
-from tests.models import TinyNet, assert_same_params, batches, loss_fn, make_net
+from grass_optim import GrassAdamW
+from tests.helpers import (
+    RecordingSampler,
+    TinyNet,
+    assert_same_params,
+    batches,
+    block_of,
+    changed_params,
+    decay_groups,
+    loss_fn,
+    make_net,
+    snapshot,
+)
 
 L = 4  # blocks in the default test net
 
 
 # ----------------------------------------------------------------------------- helpers
-def _decay_groups(model: nn.Module) -> list[dict]:
-    """The usual decay / no-decay split, with different learning rates so per-group schedules differ."""
-    decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
-    return [{"params": decay, "weight_decay": 0.1, "lr": 1e-2},
-            {"params": no_decay, "weight_decay": 0.0, "lr": 5e-3}]
-
-
 def _per_param(opt: torch.optim.Optimizer, model: nn.Module, key: str) -> list:
     """``group[key]`` of the group holding each parameter, in ``model.parameters()`` order."""
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     return [group_of[id(p)][key] for p in model.parameters()]
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _changed(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, bool]:
-    return {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
-
-
-def _block(name: str) -> int | None:
-    return int(name.split(".")[1]) if name.startswith("layers.") else None
-
-
-class _Recorder(GrassSampler):
-    """GrassSampler that records every window handed to refresh()."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def refresh(self, importance, window_mean, measured):
-        self.calls.append((window_mean.clone(), measured.clone()))
-        return super().refresh(importance, window_mean, measured)
+def _decay_groups(model: nn.Module) -> list[dict]:
+    """Decay / no-decay groups with different learning rates, so per-group schedules differ."""
+    return decay_groups(model, decay_lr=1e-2, no_decay_lr=5e-3)
 
 
 # ----------------------------------------------------------------------------- LR schedulers
@@ -191,7 +175,7 @@ def _amp_run(*, scaler_on: bool, low_memory: bool = False, inject_inf_at: int | 
     """bf16 autocast on CPU, with or without a GradScaler (fixed scale 2**10). ``inject_inf_at``
     puts an inf into an active block's gradient at that batch; ``drop`` leaves that batch out."""
     model = make_net()
-    rec = _Recorder()
+    rec = RecordingSampler()
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=10**6, enabled=scaler_on)
     opt = GrassAdamW(model, lr=1e-2, active_layers=2, switch_every=3, probe_steps=probe_steps,
                      probe_low_memory=low_memory, sampler=rec, seed=0,
@@ -209,7 +193,7 @@ def _amp_run(*, scaler_on: bool, low_memory: bool = False, inject_inf_at: int | 
         if i == inject_inf_at:
             layer = model.layers[opt.active_layer_indices[0]]
             layer.fc.weight.grad[0, 0] = float("inf")
-            before = (opt.num_steps, _snapshot(model), opt.importance, opt.active_layer_indices,
+            before = (opt.num_steps, snapshot(model), opt.importance, opt.active_layer_indices,
                       copy.deepcopy(opt.state_dict()["state"]))
         if clip is not None:
             scaler.unscale_(opt)  # clip the true gradients
@@ -219,7 +203,7 @@ def _amp_run(*, scaler_on: bool, low_memory: bool = False, inject_inf_at: int | 
         if i == inject_inf_at:
             num_steps, params, importance, active, state = before
             assert opt.num_steps == num_steps, "a step the scaler skips is not an optimizer step"
-            assert not any(_changed(model, params).values()), "a skipped step changed parameters"
+            assert not any(changed_params(model, params).values()), "a skipped step changed parameters"
             torch.testing.assert_close(opt.importance, importance, rtol=0, atol=0, equal_nan=True)
             assert opt.active_layer_indices == active
             now = opt.state_dict()["state"]
@@ -271,7 +255,7 @@ def test_default_low_memory_probing_runs_with_a_grad_scaler():
     model = make_net()
     opt = GrassAdamW(model, lr=1e-2, active_layers=2, switch_every=3, probe_steps=3, seed=0)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    before = _snapshot(model)
+    before = snapshot(model)
     skipped = 0
     for i, (x, y) in enumerate(batches(14)):
         opt.zero_grad()
@@ -285,8 +269,8 @@ def test_default_low_memory_probing_runs_with_a_grad_scaler():
         scaler.update()
     assert opt.num_steps == 14 - skipped
     assert not opt.is_probing and torch.isfinite(opt.importance).all()
-    changed = _changed(model, before)
-    assert changed["head.weight"] and any(changed[f"layers.{i}.fc.weight"] for i in range(L))
+    moved = changed_params(model, before)
+    assert moved["head.weight"] and any(moved[f"layers.{i}.fc.weight"] for i in range(L))
 
 
 @pytest.mark.xfail(strict=True, reason="documented caveat (docs/algorithm.md, docs/guides/training_loop.md): "
@@ -309,7 +293,7 @@ def test_low_memory_probing_scores_are_unscaled_when_given_the_scaler():
 def _accum_run(k: int, n_steps: int = 15, low_memory: bool = False, probe_steps: int = 3):
     """n_steps optimizer steps on batches of 32, as one batch (k=1) or k micro-batches with loss/k."""
     model = make_net()
-    rec = _Recorder()
+    rec = RecordingSampler()
     opt = GrassAdamW(model, lr=1e-2, active_layers=2, switch_every=3, probe_steps=probe_steps,
                      probe_low_memory=low_memory, sampler=rec, seed=0)
     schedule, micro = [], 0
@@ -508,15 +492,15 @@ def test_activation_checkpointing_trains_exactly_the_active_blocks(outside):
     assert_same_params(ref, model)
     for x, y in batches(14):
         probing, active = opt.is_probing, set(opt.active_layer_indices)
-        before = _snapshot(model)
+        before = snapshot(model)
         for m, o in ((ref, ref_opt), (model, opt)):
             o.zero_grad()
             loss_fn(m, x, y).backward()
             o.step()
-        for name, changed in _changed(model, before).items():
-            i = _block(name)
+        for name, moved in changed_params(model, before).items():
+            i = block_of(name)
             expected = not probing and (i in active if i is not None else outside == "train")
-            assert changed == expected, f"{name}: changed={changed}, probing={probing}, active={active}"
+            assert moved == expected, f"{name}: changed={moved}, probing={probing}, active={active}"
         assert opt.active_layer_indices == ref_opt.active_layer_indices
     assert_same_params(ref, model)
     assert torch.equal(opt.importance, ref_opt.importance)

@@ -1,0 +1,51 @@
+"""grass_optim.memory: memory_report() counts every state byte where it is; estimate_memory() predicts
+what the optimizer then holds, under each offload mode (from the same OffloadPolicy)."""
+
+from __future__ import annotations
+
+import torch
+
+from grass_optim import GrassAdamW, estimate_memory
+from tests.helpers import batches, loss_fn, make_net, run_scenario
+
+
+def test_memory_report_accounts_every_state_byte():
+    _, opt, _ = run_scenario("inactive", batches(40))
+    r = opt.memory_report()
+    every = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor))
+    assert r.device_state_bytes + r.host_state_bytes + r.scalar_state_bytes == every
+    assert r.host_state_bytes > 0 and r.pinned_bytes == 0  # no accelerator here: nothing pinned
+    assert r.as_dict()["bytes_to_device"] == r.bytes_to_device
+
+
+def test_estimate_memory_rows_and_warning(caplog):
+    model = make_net(d=16, num_layers=8)
+    est = estimate_memory(model, active_layers=2)
+    block = sum(p.numel() for p in model.layers[0].parameters()) * 4
+    outside = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers.")) * 4
+    total = sum(p.numel() for p in model.parameters()) * 4
+    assert est.rows["adamw"] == {"weights": total, "gradients": total, "optimizer_state": 2 * total,
+                                 "total": 4 * total}
+    assert est.rows["grass-inactive"]["optimizer_state"] == 2 * (2 * block + outside)
+    assert est.rows["grass-inactive"]["gradients"] == 2 * block + outside
+    assert est.rows["grass"]["optimizer_state"] == 2 * total
+    assert est.rows["grass-stream"]["optimizer_state"] == 2 * (2 * block + outside)
+    assert not est.outside_dominates
+    assert "| grass-inactive |" in est.table()
+    big_head = make_net(d=8, num_layers=4, d_out=4096)
+    with caplog.at_level("WARNING", logger="grass_optim"):
+        assert estimate_memory(big_head, active_layers=1).outside_dominates
+    assert "outnumber" in caplog.text
+
+
+def test_estimate_matches_the_report_after_all_blocks_were_visited():
+    """The prediction for 'inactive' equals what the optimizer then holds on the device."""
+    model = make_net(d=16, num_layers=6)
+    est = estimate_memory(model, active_layers=2)
+    opt = GrassAdamW(model, offload="inactive", active_layers=2, switch_every=1, probe_steps=0, seed=0)
+    for x, y in batches(30):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    assert opt.memory_report().device_state_bytes == est.rows["grass-inactive"]["optimizer_state"]
