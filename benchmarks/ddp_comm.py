@@ -3,82 +3,32 @@
     python benchmarks/ddp_comm.py            # 2 CPU processes (gloo), 30 steps per method, ~15 s
     python benchmarks/ddp_comm.py --quick    # 8 steps per method
 
-Spawns 2 ranks (gloo on CPU; the byte counts do not depend on the backend) and trains the tiny
-Llama-style decoder of ``benchmarks/common.py`` (4 blocks of 50,304 parameters, 266,816 in all,
-fp32) under DistributedDataParallel with each method below, one after the other in the same
-process group. Every method gets a fresh model from the same seed and the same token batches
-(rank r takes rows [4r, 4r + 4) of each global batch of 8). Every DDP gets a communication hook
-that records, per bucket and per step, the bytes of the bucket it was handed, whether it was
-all-reduced or skipped; the all-reduce itself is ``default_hooks.allreduce_hook`` (what DDP does
-without a hook).
-
-Methods (GrassAdamW: ``active_layers=1`` of 4 blocks, ``switch_every=4``, ``probe_steps=0``, so
-after the first step 1 block + the outside parameters train and 3 blocks are frozen):
-  adamw            torch.optim.AdamW, DistributedDataParallel(model), find_unused_parameters=False:
-                   the baseline
-  grass            GrassAdamW, DistributedDataParallel(model, find_unused_parameters=True)
-  grass+skip_unused
-                   as grass, with DDP's own ``skip_all_reduce_unused_params=True``
-  grass+skip_hook  as grass, with the prototype hook below: a bucket whose parameters all have
-                   requires_grad=False is not all-reduced (the hook returns a completed future
-                   holding the bucket's own buffer)
-  grass+skip_hook@25MB
-                   as grass+skip_hook with DDP's default bucket size (25 MB)
-  adamw+bucket_view, grass+bucket_view
-                   as adamw / grass, with gradient_as_bucket_view=True (for the memory columns)
-
-All methods but the @25MB one use ``--bucket-cap-mb`` (default: a quarter of a block, 0.048; DDP's
-unit is MiB), so that a block spans several buckets as in a real LLM, whose blocks are hundreds of
-MB against DDP's 25 MB buckets. With the default 25 MB, this tiny model fits in one bucket and
-nothing can be skipped.
-
-Columns:
-  buckets, bucket MB   number of DDP reducer buckets and the sum of their sizes, after the run
-                       (``ddp.reducer._get_zeros_like_grad_buckets()``: zero tensors shaped like the
-                       buckets' flat gradient buffers). The reducer allocates these buffers for every
-                       parameter registered when DDP was built and keeps them for its lifetime
-  MB reduced/step      bucket bytes all-reduced per step, mean over steps 2.. (step 1 is special:
-                       GrassAdamW freezes nothing before the end of the first step in a
-                       multi-process run, so every bucket carries gradients); "vs adamw" the ratio
-  MB skipped/step      bucket bytes the hook was handed but did not all-reduce
-  step 1 MB            bytes all-reduced in the first step
-  grad MB              distinct storage bytes behind the parameters' ``.grad`` after the last
-                       backward: only the trained parameters' gradients, or, with
-                       gradient_as_bucket_view=True, the buckets those gradients are views of
-  total grad MB        bucket MB + grad MB, or bucket MB alone when every ``.grad`` is a view of a
-                       bucket (checked: its storage is one of the bucket buffers handed to the hook)
-  ms/step              wall time per step on CPU (indicative only)
-  same params          final parameters bit-identical on both ranks / bit-identical to the grass row
-  same draws           the active sets of every step equal the grass row's
-
-Not counted: with find_unused_parameters=True DDP also all-reduces a map of which parameters were
-used (one int32 per registered parameter tensor, 39 here) every step.
+Two ranks (harness workers, gloo) train the tiny Llama-style decoder of ``llama.py`` under
+DistributedDataParallel with each method (AdamW, GrassAdamW with find_unused_parameters=True, with
+DDP's skip_all_reduce_unused_params, with a skip-frozen-buckets hook, with gradient_as_bucket_view),
+counting per step the bucket bytes all-reduced and skipped, and the gradient memory held. Methods
+and columns: docs/guides/ddp.md ("What DDP communicates") and docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LlamaConfig, build_model, import_grass_optim, markdown_table  # noqa: E402
-
-grass_optim = import_grass_optim()
+from harness import Worker, grass_optim, map_unordered, markdown_table, serve, write_json  # noqa: E402
+from llama import LlamaConfig, build_model  # noqa: E402
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=4, num_heads=4,
                      max_seq_len=32)
@@ -232,20 +182,35 @@ def measure(rank: int, world: int, *, steps: int = 30, bucket_cap_mb: float | No
             r["reduced_vs_adamw"] = r["reduced_bytes_per_step"] / adamw["reduced_bytes_per_step"]
     with torch.device("meta"):
         total = sum(p.numel() * p.element_size() for p in build_model(CONFIG, "meta", SEED).parameters())
-    return {"world_size": world, "steps": steps, "bucket_cap_mb": cap, "model_bytes": total,
+    return {"rank": rank, "world_size": world, "steps": steps, "bucket_cap_mb": cap, "model_bytes": total,
             "block_bytes": block_bytes(), "rows": rows}
 
 
-def _worker(rank: int, world: int, port: int, steps: int, cap: float | None, out: str) -> None:
+def _rank(msg: dict[str, Any]) -> dict[str, Any]:
+    """One rank, in a harness.Worker process of this script: join the group, measure, leave."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    rank, world = msg["rank"], msg["world"]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{msg['port']}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        result = measure(rank, world, steps=steps, bucket_cap_mb=cap)
-        if rank == 0:
-            Path(out).write_text(json.dumps(result, default=str))
+        return measure(rank, world, steps=msg["steps"], bucket_cap_mb=msg["cap"])
     finally:
         dist.destroy_process_group()
+
+
+def run_ranks(world: int, steps: int, cap: float | None) -> dict[str, Any]:
+    """:func:`measure` on ``world`` ranks; rank 0's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = [Worker(__file__, "rank") for _ in range(world)]
+    try:
+        messages = [{"rank": r, "world": world, "port": port, "steps": steps, "cap": cap} for r in range(world)]
+        results = list(map_unordered(workers, messages, timeout=600))
+    finally:
+        for w in workers:
+            w.close()
+    return next(r for r in results if r["rank"] == 0)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -270,15 +235,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bucket-cap-mb", type=float, default=None,
                    help="DDP bucket size for all methods but @25MB (default: a quarter of a block)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ddp_comm.json"))
+    p.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker is not None:  # a harness.Worker process of this script
+        serve(_rank)
+        return
     steps = args.steps or (8 if args.quick else 30)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(2, port, steps, args.bucket_cap_mb, path), nprocs=2)
-        result = json.loads(Path(path).read_text())
+    result = run_ranks(2, steps, args.bucket_cap_mb)
     result["command"] = "python benchmarks/ddp_comm.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     result["torch"] = torch.__version__
     print(f"model {result['model_bytes'] / MB:.3f} MB fp32, block {result['block_bytes'] / MB:.3f} MB, "
@@ -286,10 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(result))
     for r in result["rows"]:
         r.pop("active", None)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_json(args.out, result)
+    print(f"JSON: {args.out}")
 
 
 if __name__ == "__main__":

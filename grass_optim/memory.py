@@ -49,13 +49,17 @@ class MemoryReport:
         return asdict(self)
 
 
-def memory_report(state: Mapping[Any, dict[str, Any]], partition: LayerPartition,
-                  offloader: StateOffloader | None) -> MemoryReport:
-    """Where the state in ``state`` (an optimizer's ``state``) is now. Reads sizes only: no sync."""
-    per_block = [0] * partition.num_layers
+def memory_report(state: Mapping[Any, dict[str, Any]], partition: LayerPartition | None = None,
+                  offloader: StateOffloader | None = None) -> MemoryReport:
+    """Where the state in ``state`` (any optimizer's ``state``) is now. Reads sizes only: no sync.
+
+    A state tensor is *on the device* when it is on its parameter's device and not parked in one of
+    ``offloader``'s host buffers. Without ``partition`` every parameter counts as outside the blocks.
+    """
+    per_block = [0] * (partition.num_layers if partition is not None else 0)
     outside = host = scalars = 0
     for p, st in state.items():
-        block = partition.owner(p) if partition.contains(p) else None
+        block = partition.owner(p) if partition is not None and partition.contains(p) else None
         for k, v in st.items():
             if not isinstance(v, Tensor):
                 continue

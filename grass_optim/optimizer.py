@@ -148,7 +148,7 @@ class GrassAdamW(Optimizer):
         # 1. Validate everything before touching the model or a wrapped optimizer.
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"GrassAdamW needs the model (an nn.Module) to find its layers, got "
+                f"GrassAdamW needs the model (an nn.Module) to find its blocks (repeated layers), got "
                 f"{type(model).__name__}; pass the module itself: GrassAdamW(model, ...), not "
                 "GrassAdamW(model.parameters()). To keep your own param groups, build an optimizer "
                 "and wrap it: GrassAdamW(model, base_optimizer=torch.optim.AdamW(groups, ...))")

@@ -1,8 +1,8 @@
 """Importing a benchmark script in-process, for tests of its helpers.
 
-The scripts under ``benchmarks/`` import their siblings (``common``, ``tasks``) by plain name, so
-the directory goes on ``sys.path`` (through pytest's ``monkeypatch``, which restores it) and the
-sibling ``common`` leaves ``sys.modules`` afterwards, so that each test file gets a fresh one.
+The scripts under ``benchmarks/`` import their siblings (``harness``, ``llama``, ``tasks``) by plain
+name, so the directory goes on ``sys.path`` (through pytest's ``monkeypatch``, which restores it) and
+the siblings leave ``sys.modules`` afterwards, so that each test file gets fresh ones.
 """
 
 from __future__ import annotations
@@ -27,4 +27,5 @@ def benchmark_module(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mod
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop("common", None)
+    for sibling in ("harness", "llama", "tasks"):
+        sys.modules.pop(sibling, None)

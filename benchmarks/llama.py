@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: a Llama-style decoder in plain PyTorch, and small helpers.
+"""The benchmarks' model: a Llama-style decoder in plain PyTorch (the harness is ``harness.py``).
 
 The model needs nothing but ``torch`` (the GPU machine may have no ``transformers``). It follows the
 Llama architecture: token embedding, ``num_layers`` pre-norm blocks (RMSNorm -> multi-head
@@ -10,58 +10,13 @@ RMSNorm -> SwiGLU MLP -> residual), final RMSNorm and an untied LM head (tied wi
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GIB = 1024**3
 
-
-def import_grass_optim():
-    """``import grass_optim``, from the installed package or, failing that, from this checkout."""
-    try:
-        import grass_optim
-    except ImportError:  # run from a checkout without `pip install -e .`
-        sys.path.insert(0, str(REPO_ROOT))
-        import grass_optim
-    return grass_optim
-
-
-class _NoBar:
-    """Stands in for a tqdm bar where tqdm is not installed (the GPU machine may lack it)."""
-
-    def __init__(self, iterable: Any) -> None:
-        self.iterable = iterable
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress(iterable: Any, desc: str, **kwargs: Any) -> Any:
-    """A progress bar on stderr (tqdm, throttled to one refresh a second), or a silent stand-in."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar(iterable)
-    return tqdm(iterable, desc=desc, file=sys.stderr, mininterval=1.0, ncols=110, leave=False, **kwargs)
-
-
-# ----------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 32000
@@ -192,61 +147,3 @@ def build_model(cfg: LlamaConfig, device: str | torch.device, seed: int) -> Llam
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-# ----------------------------------------------------------------------------- environment
-def is_cuda(device: str | torch.device) -> bool:
-    return torch.device(device).type == "cuda"
-
-
-def synchronize(device: str | torch.device) -> None:
-    if is_cuda(device):
-        torch.cuda.synchronize(device)
-
-
-def git_revision() -> str | None:
-    """Short commit of the checkout, with ``+dirty`` when it has local changes; None outside git."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev + ("+dirty" if dirty else "")
-
-
-def environment(device: str | torch.device) -> dict[str, object]:
-    """What ran the benchmark: date, host, versions, device name."""
-    grass_optim = import_grass_optim()
-    env: dict[str, object] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "grass_optim": getattr(grass_optim, "__version__", None),
-        "git": git_revision(),
-        "device": str(device),
-        "device_name": None,
-        "cpu_count": os.cpu_count(),
-    }
-    if is_cuda(device):
-        dev = torch.device(device)
-        props = torch.cuda.get_device_properties(dev)
-        env["device_name"] = props.name
-        env["device_total_bytes"] = props.total_memory
-    return env
-
-
-UNITS = {"GiB": GIB, "MiB": 1024**2}
-
-
-def fmt_bytes(nbytes: float | None, unit: str = "GiB", digits: int = 2) -> str:
-    return "n/a" if nbytes is None else f"{nbytes / UNITS[unit]:.{digits}f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in row) + " |"
-              for row in rows]
-    return "\n".join(lines)
