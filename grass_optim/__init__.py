@@ -10,7 +10,9 @@ from .layers import LayerPartition, find_layers, unwrap_model
 from .memory import MemoryEstimate, MemoryReport, estimate_memory
 from .optimizer import GrassAdamW
 from .sampling import (
+    GainSampler,
     GrassSampler,
+    L1Sampler,
     Sampler,
     StaticSampler,
     UniformSampler,
@@ -22,9 +24,11 @@ from .sampling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GainSampler",
     "GrassAdamW",
     "GrassConfig",
     "GrassSampler",
+    "L1Sampler",
     "LayerPartition",
     "MemoryEstimate",
     "MemoryReport",

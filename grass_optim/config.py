@@ -27,6 +27,7 @@ DEFAULT_EMA = 0.5  # alpha: weight of the newest window in the refresh
 DEFAULT_EXPLORATION = 0.0  # floor mixed with uniform; 0 keeps the published method
 DEFAULT_OUTSIDE_BLOCKS = "train"  # embeddings/norm/head are always trained, as in LISA
 DEFAULT_PROBE_LOW_MEMORY = True  # free each gradient as soon as its norm is taken while probing
+DEFAULT_REFRESH_ALL = False  # refresh only the blocks trained in the window: the published method
 DEFAULT_OFFLOAD = None  # state stays where torch.optim puts it unless asked
 DEFAULT_OFFLOAD_OVERLAP = True  # copies run on side streams, overlapped with compute
 # update_every (T_u, steps between refreshes of the scores) defaults to switch_every: the scores are
@@ -103,7 +104,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 # Settings that change the schedule: a resume with other values does not continue the same run.
-SCHEDULE_FIELDS = ("active_layers", "switch_every", "probe_steps", "update_every")
+SCHEDULE_FIELDS = ("active_layers", "switch_every", "probe_steps", "update_every", "refresh_all")
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class GrassConfig:
     switch_every: int = DEFAULT_SWITCH_EVERY
     probe_steps: int = DEFAULT_PROBE_STEPS
     update_every: int = DEFAULT_SWITCH_EVERY
+    refresh_all: bool = DEFAULT_REFRESH_ALL
     outside_blocks: str = DEFAULT_OUTSIDE_BLOCKS
     probe_low_memory: bool = DEFAULT_PROBE_LOW_MEMORY
     offload: str | None = DEFAULT_OFFLOAD
@@ -127,25 +129,29 @@ class GrassConfig:
 
     @classmethod
     def build(cls, *, active_layers: Any = DEFAULT_ACTIVE_LAYERS, switch_every: Any = DEFAULT_SWITCH_EVERY,
-              probe_steps: Any = None, update_every: Any = None, outside_blocks: Any = DEFAULT_OUTSIDE_BLOCKS,
-              probe_low_memory: Any = DEFAULT_PROBE_LOW_MEMORY, offload: Any = DEFAULT_OFFLOAD,
-              offload_overlap: Any = DEFAULT_OFFLOAD_OVERLAP, uses_importance: bool = True) -> GrassConfig:
+              probe_steps: Any = None, update_every: Any = None, refresh_all: Any = DEFAULT_REFRESH_ALL,
+              outside_blocks: Any = DEFAULT_OUTSIDE_BLOCKS, probe_low_memory: Any = DEFAULT_PROBE_LOW_MEMORY,
+              offload: Any = DEFAULT_OFFLOAD, offload_overlap: Any = DEFAULT_OFFLOAD_OVERLAP,
+              default_probe_steps: int = DEFAULT_PROBE_STEPS) -> GrassConfig:
+        """Validate and resolve. ``default_probe_steps`` is what ``probe_steps=None`` means: the
+        sampler's own default (``sampling.default_probe_steps``; 0 for a sampler that needs no probing)."""
         check_int("active_layers", active_layers, 1)
         check_int("switch_every", switch_every, 1)
         if probe_steps is None:
-            probe_steps = DEFAULT_PROBE_STEPS if uses_importance else 0
+            probe_steps = default_probe_steps
         check_int("probe_steps", probe_steps, 0)
         if update_every is None:
             update_every = switch_every
         check_int("update_every", update_every, 1)
+        check_bool("refresh_all", refresh_all)
         check_choice("outside_blocks", outside_blocks, OUTSIDE_BLOCKS_CHOICES)
         check_bool("probe_low_memory", probe_low_memory)
         offload = resolve_offload(offload)
         check_bool("offload_overlap", offload_overlap)
         return cls(active_layers=int(active_layers), switch_every=int(switch_every), probe_steps=int(probe_steps),
-                   update_every=int(update_every), outside_blocks=outside_blocks,
+                   update_every=int(update_every), refresh_all=refresh_all, outside_blocks=outside_blocks,
                    probe_low_memory=probe_low_memory, offload=offload, offload_overlap=offload_overlap)
 
-    def schedule_settings(self) -> dict[str, int]:
+    def schedule_settings(self) -> dict[str, int | bool]:
         """The settings that change the schedule (checkpointed, compared on resume, in the history)."""
         return {f: getattr(self, f) for f in SCHEDULE_FIELDS}

@@ -2,7 +2,9 @@ r"""Importance statistics of GRASS as pure functions of tensors.
 
 For block ``l`` with ``N_l`` parameters and gradient ``g_t^(l)`` at optimizer step ``t``:
 
-* per-step gradient RMS  ``r_t^(l) = sqrt(||g_t^(l)||^2 / N_l)``  (:func:`block_grad_rms`),
+* per-step gradient RMS  ``r_t^(l) = sqrt(||g_t^(l)||^2 / N_l)``  (:func:`block_sq_norms`,
+  :func:`block_grad_rms`); the other signals' per-block reductions (:func:`block_partial_sums` for
+  ``||g||_1``, :func:`block_dots` for ``<g, theta>``),
 * mean gradient norm of a window  ``m_l = mean_t r_t^(l)``  (:func:`window_mean`),
 * refresh of the blocks measured in the window  ``m_l <- a * m_l(window) + (1 - a) * m_l(old)``
   (:func:`ema_update`); a block never measured before has score NaN and takes the window mean.
@@ -18,7 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["accumulate_window", "block_grad_rms", "block_sq_norms", "ema_update", "foreach_norms", "window_mean"]
+__all__ = ["accumulate_window", "block_dots", "block_grad_rms", "block_partial_sums", "block_sq_norms",
+           "ema_update", "foreach_norms", "window_mean"]
 
 
 def block_sq_norms(grads: Sequence[Tensor], block_index: Tensor, num_blocks: int) -> Tensor:
@@ -27,19 +30,40 @@ def block_sq_norms(grads: Sequence[Tensor], block_index: Tensor, num_blocks: int
     ``grads[i]`` belongs to block ``block_index[i]`` (a long tensor on the output device). One
     batched ``_foreach_norm`` (in float32 whatever the gradient dtype), one ``index_add``.
     """
+    return block_partial_sums(grads, block_index, num_blocks, 2)
+
+
+def block_partial_sums(grads: Sequence[Tensor], block_index: Tensor, num_blocks: int, ord: int) -> Tensor:
+    """Per block, the sum of ``||g||_2^2`` (``ord=2``) or of ``||g||_1`` (``ord=1``) of its gradients,
+    as a float32 tensor ``[num_blocks]`` (see :func:`block_sq_norms`); sparse gradients are coalesced."""
     out = torch.zeros(num_blocks, dtype=torch.float32, device=block_index.device)
     if len(grads) == 0:
         return out
     dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
-    norms = [n.to(out.device, torch.float32, non_blocking=True) for n in foreach_norms(dense)]
-    return out.index_add_(0, block_index, torch.stack(norms).square())
+    norms = torch.stack([n.to(out.device, torch.float32, non_blocking=True) for n in foreach_norms(dense, ord)])
+    return out.index_add_(0, block_index, norms.square() if ord == 2 else norms)
+
+
+def block_dots(grads: Sequence[Tensor], params: Sequence[Tensor], block_index: Tensor, num_blocks: int) -> Tensor:
+    """Per block, ``sum_i <grads[i], params[i]>`` in float64 (products taken in float32 or wider):
+    before and after an update, their difference is the update's first-order loss decrease."""
+    out = torch.zeros(num_blocks, dtype=torch.float64, device=block_index.device)
+    if len(grads) == 0:
+        return out
+    dots = [torch.vdot(g.flatten().to(_wide(g.dtype)), p.flatten().to(_wide(g.dtype))) for g, p in
+            zip(grads, params, strict=True)]
+    return out.index_add_(0, block_index, torch.stack([d.to(out.device, torch.float64) for d in dots]))
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """L2 norm of each tensor, batched; half-precision inputs are reduced in float32.
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def foreach_norms(tensors: Sequence[Tensor], ord: int = 2) -> list[Tensor]:
+    """``ord``-norm of each tensor, batched; half-precision inputs are reduced in float32.
 
     ``_foreach_norm(dtype=float32)`` refuses wider inputs (float64), so those go without ``dtype``.
     """
@@ -47,10 +71,10 @@ def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     wide = [i for i, t in enumerate(tensors) if t.dtype not in _LOW_PRECISION]
     out: list[Tensor] = [torch.empty(0)] * len(tensors)
     if low:
-        for i, n in zip(low, torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32), strict=True):
+        for i, n in zip(low, torch._foreach_norm([tensors[i] for i in low], ord, dtype=torch.float32), strict=True):
             out[i] = n
     if wide:
-        for i, n in zip(wide, torch._foreach_norm([tensors[i] for i in wide], 2), strict=True):
+        for i, n in zip(wide, torch._foreach_norm([tensors[i] for i in wide], ord), strict=True):
             out[i] = n
     return out
 

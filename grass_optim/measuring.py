@@ -1,12 +1,17 @@
-"""Measuring: each optimizer step, the squared gradient norm of every block that got gradients.
+"""Measuring: each optimizer step, the sampler's signal for every block that got gradients.
 
-Two ways, both ending in :meth:`Schedule.record <grass_optim.schedule.Schedule.record>`:
+The signal (``sampler.signal``, see :mod:`grass_optim.sampling`) is ``"rms"`` (gradient RMS),
+``"l1"`` (``||g||_1``) or ``"gain"`` (``<g, theta_before - theta_after>`` over the update). It
+reaches :meth:`Schedule.record <grass_optim.schedule.Schedule.record>` three ways:
 
-* from the gradients ``step()`` sees (training, and probing with ``probe_low_memory=False`` or in
-  multi-process runs): one batched norm over the active blocks' gradients;
-* while probing with ``probe_low_memory=True``: a post-accumulate-grad hook on every block
-  parameter adds ``||grad||^2`` to its block's sum in the schedule and frees the gradient at once,
-  so probing never holds all gradients; ``step()`` then reads the sums.
+* from the gradients ``step()`` sees: one batched reduction over the gradients of the blocks that
+  keep them (the active set while training);
+* from gradient hooks, for the blocks that get gradients but are not updated (every block while
+  probing, the inactive ones on a ``refresh_all`` step) when ``probe_low_memory=True``: a
+  post-accumulate-grad hook adds the block's partial sum (``||g||^2``, or ``||g||_1``) to the
+  schedule's ``hook_sum`` and frees the gradient at once, so those steps never hold every gradient;
+* for ``"gain"``: from two batched dot products ``<g, theta>`` per updated block, one before and one
+  after the update (no copy of the parameters).
 
 Nothing here reads a value back to the host: ordinary steps never synchronise with the device.
 """
@@ -14,16 +19,20 @@ Nothing here reads a value back to the host: ordinary steps never synchronise wi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from . import distributed as D
-from .importance import block_sq_norms, foreach_norms
+from .importance import block_dots, block_grad_rms, block_partial_sums, foreach_norms
 from .schedule import Schedule
 
 __all__ = ["BlockMeasurer", "check_grad_scaler"]
+
+# The per-gradient partial sum of each signal: ||g||_2^2 for "rms" (then sqrt(sum / N) per block),
+# ||g||_1 for "l1"; also the power of the loss scale in it.
+_ORD = {"rms": 2, "l1": 1, "gain": 2}
 
 
 def check_grad_scaler(scaler: Any) -> None:
@@ -32,66 +41,118 @@ def check_grad_scaler(scaler: Any) -> None:
 
 
 class BlockMeasurer:
-    """Per-block squared gradient norms of the managed block parameters.
+    """The sampler's signal for the managed block parameters.
 
     Args:
         blocks (list of lists of Tensor): the managed parameters of each block.
-        probe_hooks (bool): measure probing steps with the low-memory hooks.
-        sharded (bool): parameters are DTensor shards (FSDP2): norms are summed across ranks.
+        signal (str): ``"rms"``, ``"l1"`` or ``"gain"``.
+        hooks (bool): measure blocks that are not updated (probing, ``refresh_all``) with gradient
+            hooks that free each gradient (``probe_low_memory``).
+        sharded (bool): parameters are DTensor shards (FSDP2): partial sums are added across ranks.
         grad_scaler (GradScaler, optional): its scale is divided out of the hooks' sums.
     """
 
-    def __init__(self, blocks: Sequence[Sequence[Tensor]], *, probe_hooks: bool, sharded: bool,
+    def __init__(self, blocks: Sequence[Sequence[Tensor]], *, signal: str = "rms", hooks: bool, sharded: bool,
                  grad_scaler: Any = None) -> None:
         self.blocks = blocks
-        self.probe_hooks = probe_hooks
+        self.signal = signal
+        self.hooks = hooks
         self.sharded = sharded
         check_grad_scaler(grad_scaler)
         self.grad_scaler = grad_scaler
+        self._numel: Tensor | None = None
         self._handles: list[Any] = []
+        self._hooked: tuple[int, ...] = ()
         self._plan: tuple[tuple[int, ...], list[Tensor], Tensor, Tensor] | None = None
+        self._before_update: Tensor | None = None
 
+    # ------------------------------------------------------------------ the step
     def measure(self, schedule: Schedule) -> None:
-        """Add this step's per-block norms to the schedule's window; no host synchronisation."""
-        if schedule.is_probing and self.probe_hooks:
-            # The hooks already reduced each gradient to its squared norm during backward.
-            sq, hits = schedule.take_probe_sums()
+        """Before the update: record this step's signal of every block that got gradients."""
+        if self.signal == "gain":
+            schedule.drop_hook_sums()  # only an update gives a gain: see after_update()
+            return
+        ord = _ORD[self.signal]
+        partial = torch.zeros(schedule.num_blocks, dtype=torch.float32, device=schedule.device)
+        hits = torch.zeros(schedule.num_blocks, dtype=torch.int64, device=schedule.device)
+        if self._hooked:
+            # The hooks already reduced these blocks' gradients during backward (seen before unscaling).
+            hook_sum, hook_hits = schedule.take_hook_sums()
             if self.grad_scaler is not None:
-                sq = sq / self._loss_scale(sq.device).square()
+                hook_sum = hook_sum / self._loss_scale(hook_sum.device) ** ord
             if self.sharded:
-                D.sum_over_ranks(hits)
-        else:
-            grads, index = self._gathered_grads(schedule)
-            sq = block_sq_norms([D.local(g) for g in grads], index, schedule.num_blocks)
-            hits = torch.zeros(schedule.num_blocks, dtype=torch.int64, device=schedule.device).index_fill_(0, index, 1)
+                D.sum_over_ranks(hook_hits)
+            partial += hook_sum
+            hits += hook_hits
+        params, index = self._with_grads(schedule)
+        if params:
+            partial += block_partial_sums(_grads(params), index, schedule.num_blocks, ord)
+            hits.index_fill_(0, index, 1)
         if self.sharded:
-            D.sum_over_ranks(sq)  # each rank holds a shard: a block's norm is global, not per-shard
-        schedule.record(sq, hits)
+            D.sum_over_ranks(partial)  # each rank holds a shard: a block's sum is global, not per-shard
+        schedule.record(self._finish(partial), hits)
 
+    def before_update(self, schedule: Schedule) -> None:
+        """``"gain"``: ``<g, theta>`` of each updated block, before the update."""
+        if self.signal == "gain":
+            self._before_update = self._grad_dot_params(schedule)
+
+    def after_update(self, schedule: Schedule) -> None:
+        """``"gain"``: record ``<g, theta_before> - <g, theta_after>`` of each updated block."""
+        if self.signal != "gain" or self._before_update is None:
+            return
+        gain = self._before_update - self._grad_dot_params(schedule)
+        self._before_update = None
+        measured = torch.zeros(schedule.num_blocks, dtype=torch.int64, device=schedule.device)
+        measured.index_fill_(0, self._with_grads(schedule)[1], 1)
+        schedule.record(gain.to(torch.float32), measured)
+
+    # ------------------------------------------------------------------ following the schedule
     def prepare(self, schedule: Schedule) -> None:
-        """Follow the schedule's phase: build the list of parameters to measure for the blocks that get
-        gradients now (on a step that already synchronises), and install the probing hooks while
-        probing, remove them after."""
-        self._measure_plan(schedule)
-        want = schedule.is_probing and self.probe_hooks
-        if want and not self._handles:
-            sq_views, hit_views = schedule.probe_sq.unbind(0), schedule.probe_hits.unbind(0)
-            for i, params in enumerate(self.blocks):
-                for p in params:
-                    self._handles.append(p.register_post_accumulate_grad_hook(_probe_hook(sq_views[i], hit_views[i])))
-        elif not want:
+        """Follow the schedule's phase: hook the blocks that get gradients but are not updated (when
+        ``hooks``), and plan the batched reduction over the others (built on a step that already
+        synchronises)."""
+        updated = set(() if schedule.is_probing else schedule.active)
+        want = tuple(i for i in schedule.gradient_blocks if i not in updated) if self.hooks else ()
+        if want != self._hooked:
             self.remove_hooks()
+            sum_views, hit_views = schedule.hook_sum.unbind(0), schedule.hook_hits.unbind(0)
+            for i in want:
+                for p in self.blocks[i]:
+                    self._handles.append(p.register_post_accumulate_grad_hook(
+                        _hook(sum_views[i], hit_views[i], _ORD[self.signal])))
+            self._hooked = want
+        self._measure_plan(schedule)
 
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._hooked = ()
 
     def moved(self, schedule: Schedule) -> None:
         """The schedule's buffers moved to another device: rebuild what points at the old ones."""
         self.remove_hooks()
         self._plan = None
+        self._numel = None
         self.prepare(schedule)
+
+    # ------------------------------------------------------------------ internals
+    def _finish(self, partial: Tensor) -> Tensor:
+        if self.signal == "rms":
+            if self._numel is None or self._numel.device != partial.device:
+                self._numel = torch.tensor([sum(p.numel() for p in ps) for ps in self.blocks],
+                                           dtype=torch.float32, device=partial.device)
+            return block_grad_rms(partial, self._numel)
+        return partial  # l1: the block's ||g||_1
+
+    def _grad_dot_params(self, schedule: Schedule) -> Tensor:
+        """Per-block ``<g, theta>`` of the blocks measured from their gradients (float64)."""
+        params, index = self._with_grads(schedule)
+        out = block_dots(_grads(params), [D.local(p.detach()) for p in params], index, schedule.num_blocks)
+        if self.sharded:
+            D.sum_over_ranks(out)
+        return out
 
     def _loss_scale(self, device: torch.device) -> Tensor:
         """The GradScaler's current scale as a tensor; its own tensor when it has one (no sync)."""
@@ -100,28 +161,35 @@ class BlockMeasurer:
             return scale.to(device, torch.float32)
         return torch.tensor(float(self.grad_scaler.get_scale()), device=device)
 
-    def _gathered_grads(self, schedule: Schedule) -> tuple[list[Tensor], Tensor]:
+    def _with_grads(self, schedule: Schedule) -> tuple[list[Tensor], Tensor]:
+        """The planned parameters that have a gradient, and their block indices on the device."""
         _, params, index, owners_cpu = self._measure_plan(schedule)
-        grads = [p.grad for p in params]
-        if all(g is not None for g in grads):
-            return grads, index  # type: ignore[return-value]
-        keep = [i for i, g in enumerate(grads) if g is not None]  # unused parameters: rare path
-        return [grads[i] for i in keep], owners_cpu[keep].to(schedule.device)  # type: ignore[misc]
+        if all(p.grad is not None for p in params):
+            return params, index
+        keep = [i for i, p in enumerate(params) if p.grad is not None]  # unused parameters: rare path
+        return [params[i] for i in keep], owners_cpu[keep].to(schedule.device)
 
     def _measure_plan(self, schedule: Schedule) -> tuple[tuple[int, ...], list[Tensor], Tensor, Tensor]:
-        """Parameters of the blocks that get gradients and their block indices, built once per active set."""
-        active = schedule.active_blocks
-        if self._plan is None or self._plan[0] != active:
-            params = [p for i in active for p in self.blocks[i]]
-            owners = torch.tensor([i for i in active for _ in self.blocks[i]], dtype=torch.int64)
-            # A host-to-device copy: done when the active set changes (a step that already
-            # synchronises), so that the steps in between never wait for the device.
-            self._plan = (active, params, owners.to(schedule.device), owners)
+        """The blocks measured from their gradients (those that get gradients and are not hooked) and
+        their parameters with block indices, built once per set."""
+        hooked = set(self._hooked)
+        blocks = tuple(i for i in schedule.gradient_blocks if i not in hooked)
+        if self._plan is None or self._plan[0] != blocks:
+            params = [p for i in blocks for p in self.blocks[i]]
+            owners = torch.tensor([i for i in blocks for _ in self.blocks[i]], dtype=torch.int64)
+            # A host-to-device copy: done when the set changes (a step that already synchronises),
+            # so that the steps in between never wait for the device.
+            self._plan = (blocks, params, owners.to(schedule.device), owners)
         return self._plan
 
 
-def _probe_hook(sq_view: Tensor, hit_view: Tensor) -> Callable[[Tensor], None]:
-    """Post-accumulate-grad hook for probing: keep ``||grad||^2`` of the block, free the gradient.
+def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+    """The (local shards of the) gradients of parameters known to have one."""
+    return [D.local(cast(Tensor, p.grad)) for p in params]
+
+
+def _hook(sum_view: Tensor, hit_view: Tensor, ord: int) -> Callable[[Tensor], None]:
+    """Post-accumulate-grad hook: add the gradient's partial sum to its block's, free the gradient.
 
     Closes over two 0-d views into the schedule's per-block sums (not over the optimizer), so a
     forgotten hook cannot keep the optimizer alive.
@@ -131,7 +199,8 @@ def _probe_hook(sq_view: Tensor, hit_view: Tensor) -> Callable[[Tensor], None]:
         if grad is None:
             return
         g = grad.coalesce().values() if grad.is_sparse else grad
-        sq_view.add_(foreach_norms([D.local(g)])[0].to(sq_view.device, torch.float32).square())
+        norm = foreach_norms([D.local(g)], ord)[0].to(sum_view.device, torch.float32)
+        sum_view.add_(norm.square() if ord == 2 else norm)
         hit_view.add_(1)
         param.grad = None
     return hook

@@ -33,8 +33,8 @@ from .measuring import BlockMeasurer, check_grad_scaler
 from .memory import MemoryReport, memory_report
 from .offload import StateOffloader
 from .placement import OffloadPolicy, StepPart
-from .sampling import Sampler, resolve_sampler, unused_settings
-from .schedule import REDRAW_EVENTS, Schedule
+from .sampling import Sampler, default_probe_steps, resolve_sampler, unused_settings
+from .schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +77,19 @@ class GrassAdamW(Optimizer):
         weight_decay (float, optional): AdamW's decoupled weight decay (default: 1e-2).
         active_layers (int, optional): blocks trained at a time, gamma (default: 2).
         switch_every (int, optional): optimizer steps between redraws of the active set (default: 50).
-        sampler (str or Sampler, optional): ``"grass"`` (adaptive), ``"static"`` (probing scores
-            only), ``"uniform"`` (LISA), or an object implementing :class:`~grass_optim.Sampler`
-            (default: "grass").
+        sampler (str or Sampler, optional): ``"grass"`` (adaptive, mean gradient RMS: the published
+            method), ``"static"`` (probing scores only), ``"uniform"`` (LISA), ``"l1"`` (scores from
+            ``||g||_1``, the loss decrease an Adam step would give), ``"gain"`` (a bandit on the loss
+            decrease each block's updates gave), or an object implementing
+            :class:`~grass_optim.Sampler` (default: "grass").
         probe_steps (int, optional): first steps that measure all blocks and update nothing
             (default: 10, or 0 for a sampler that does not use the scores).
         update_every (int, optional): T_u, optimizer steps between refreshes of the scores
             (default: ``switch_every``).
+        refresh_all (bool, optional): the step before each refresh gives every block gradients (the
+            inactive ones reduced to their signal by hooks and freed, as while probing) and updates
+            only the active ones, so that every score is refreshed at the same moment instead of
+            only those of the blocks just trained (default: False).
         temperature (float, optional): softmax temperature on mean-normalised scores (default: 1.0).
         ema (float, optional): weight of the newest window in the refresh, in (0, 1] (default: 0.5).
         exploration (float, optional): share of the uniform distribution mixed into ``p``, so no
@@ -136,7 +142,8 @@ class GrassAdamW(Optimizer):
                  eps: float | None = None, weight_decay: float | None = None,
                  active_layers: int = C.DEFAULT_ACTIVE_LAYERS, switch_every: int = C.DEFAULT_SWITCH_EVERY,
                  sampler: str | Sampler = "grass", probe_steps: int | None = None,
-                 update_every: int | None = None, temperature: float = C.DEFAULT_TEMPERATURE,
+                 update_every: int | None = None, refresh_all: bool = C.DEFAULT_REFRESH_ALL,
+                 temperature: float = C.DEFAULT_TEMPERATURE,
                  ema: float = C.DEFAULT_EMA, exploration: float = C.DEFAULT_EXPLORATION,
                  outside_blocks: str = C.DEFAULT_OUTSIDE_BLOCKS,
                  probe_low_memory: bool = C.DEFAULT_PROBE_LOW_MEMORY,
@@ -155,12 +162,13 @@ class GrassAdamW(Optimizer):
         resolved = resolve_sampler(sampler, temperature=temperature, ema=ema, exploration=exploration)
         self.config = C.GrassConfig.build(
             active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
-            update_every=update_every, outside_blocks=outside_blocks, probe_low_memory=probe_low_memory,
-            offload=offload, offload_overlap=offload_overlap,
-            uses_importance=getattr(resolved, "uses_importance", True))
-        given = {"temperature": temperature, "ema": ema, "exploration": exploration, "update_every": update_every}
+            update_every=update_every, refresh_all=refresh_all, outside_blocks=outside_blocks,
+            probe_low_memory=probe_low_memory, offload=offload, offload_overlap=offload_overlap,
+            default_probe_steps=default_probe_steps(resolved))
+        given = {"temperature": temperature, "ema": ema, "exploration": exploration, "update_every": update_every,
+                 "refresh_all": refresh_all}
         defaults = {"temperature": C.DEFAULT_TEMPERATURE, "ema": C.DEFAULT_EMA,
-                    "exploration": C.DEFAULT_EXPLORATION, "update_every": None}
+                    "exploration": C.DEFAULT_EXPLORATION, "update_every": None, "refresh_all": C.DEFAULT_REFRESH_ALL}
         for name in unused_settings(sampler, resolved, {k: v for k, v in given.items() if v != defaults[k]}):
             logger.warning("GrassAdamW: %s=%r has no effect with sampler=%r", name, given[name], sampler)
         if seed is not None:
@@ -195,8 +203,9 @@ class GrassAdamW(Optimizer):
         ranks = D.RankChecks() if distributed_checks and D.is_distributed() else None
         self.schedule = Schedule(self.config, resolved, self._freezer.numel,
                                  D.resolve_seed(seed, check=distributed_checks), self._freezer.device, ranks)
-        self._measurer = BlockMeasurer(self._freezer.blocks, sharded=sharded, grad_scaler=grad_scaler,
-                                       probe_hooks=self.config.probe_low_memory and not D.is_distributed())
+        self._measurer = BlockMeasurer(self._freezer.blocks, signal=getattr(resolved, "signal", "rms"),
+                                       sharded=sharded, grad_scaler=grad_scaler,
+                                       hooks=self.config.probe_low_memory and not D.is_distributed())
         self._policy = OffloadPolicy(self.config.offload)
         self._history = History(history)
         self._offloader = self._new_offloader() if self.config.offload else None
@@ -206,6 +215,7 @@ class GrassAdamW(Optimizer):
         # inactive blocks are dropped before the update.
         self._defer_freeze = D.is_distributed()
         self._pending_load: tuple[Any, ...] | None = None
+        self._synced: tuple[int, ...] | None = None  # the gradient blocks the model was last synced to
         self._own_hooks = {
             "sd_pre": self.register_state_dict_pre_hook(self._state_dict_pre_hook),
             "sd_post": self.register_state_dict_post_hook(self._state_dict_post_hook),
@@ -333,19 +343,21 @@ class GrassAdamW(Optimizer):
             self.partition.check_unchanged()
         self._follow_device()
         self._measurer.measure(s)
-        if self._defer_freeze:
+        if self._defer_freeze or s.gradient_blocks != s.active_blocks:
+            # Gradients of blocks that are not updated (measured on a refresh_all step without hooks,
+            # or computed before deferred freezing) never reach the update.
             self._freezer.drop_grads(s.active_blocks)
         resident: set[int] = set()
         if not s.is_probing:
+            self._measurer.before_update(s)
             resident = self._policy.update(s.active, self.base_optimizer.step, self._step_parts, self._offloader,
                                            self._block_states)
+            self._measurer.after_update(s)
         event = s.advance()
-        if self._defer_freeze:
-            self._defer_freeze = False
+        self._defer_freeze = False
+        if s.gradient_blocks != self._synced:
             self._sync_model()
         if event is not None:
-            if event in REDRAW_EVENTS:
-                self._sync_model()
             self._history.record_event(event, s)
         self._policy.move(resident, self._resident(), self._offloader, self._block_states)
         if self._history.records_steps:
@@ -357,7 +369,7 @@ class GrassAdamW(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         # The probing sums belong to the gradients just cleared: a step that a GradScaler skipped
         # (it never called step()) must not leave them to the next one.
-        self.schedule.drop_probe_sums()
+        self.schedule.drop_hook_sums()
 
     @contextmanager
     def _step_parts(self) -> Iterator[StepPart]:
@@ -365,9 +377,11 @@ class GrassAdamW(Optimizer):
             yield lambda block: step_groups_of(self.base_optimizer, block)
 
     def _sync_model(self) -> None:
-        """Make the model's requires_grad (and the probing hooks) match the schedule's phase."""
+        """Make the model's requires_grad (and the gradient hooks) match the blocks that get gradients
+        this step: at construction, after a step that changed them, after a load."""
         if not self._defer_freeze:
-            self._freezer.apply(self.schedule.active_blocks)
+            self._freezer.apply(self.schedule.gradient_blocks)
+            self._synced = self.schedule.gradient_blocks
         self._measurer.prepare(self.schedule)
 
     def _follow_device(self) -> None:

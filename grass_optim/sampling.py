@@ -1,4 +1,5 @@
-"""Which blocks to train: scores -> probabilities -> a draw of distinct blocks.
+"""Which blocks to train: scores -> probabilities -> a draw of distinct blocks, and which per-block
+signal the scores are made of.
 
 The math lives in pure functions of tensors and a ``torch.Generator``; the sampler classes only
 bundle them with their hyperparameters. A sampler is anything with the three methods of
@@ -14,8 +15,19 @@ scores, a bool ``measured`` mask); the optimizer maps indices back to block numb
 ``refresh``, a block never measured before has score NaN; ``probabilities`` always gets finite
 scores (the optimizer gives unscored blocks the mean score). A sampler may also set ``uses_importance =
 False`` (then the default ``probe_steps`` is 0), may declare in ``settings`` which GrassAdamW
-arguments change what it does (the others are warned about when given), and may define
-``state_dict()`` / ``load_state_dict()``, which the optimizer checkpoints with its own state.
+arguments change what it does (the others are warned about when given), may choose in ``signal``
+what is measured for its scores (:data:`SIGNALS`), and may define ``state_dict()`` /
+``load_state_dict()``, which the optimizer checkpoints with its own state.
+
+The signals, measured per block ``l`` at each step in which it has gradients ``g`` (``N_l``
+parameters):
+
+* ``"rms"`` (GRASS, the published method): the gradient RMS ``sqrt(||g||^2 / N_l)``;
+* ``"l1"``: ``||g||_1``, the first-order loss decrease of one sign-like (Adam) step of unit size on
+  the block: what updating it *would* give now;
+* ``"gain"``: ``<g, theta_before - theta_after>`` over the step's update, the first-order loss
+  decrease the update of the block *did* give (summed over a window, a path integral of the loss
+  change). Only blocks that were updated have it: probing and ``refresh_all`` measure nothing for it.
 """
 
 from __future__ import annotations
@@ -25,12 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import DEFAULT_EMA, DEFAULT_EXPLORATION, DEFAULT_TEMPERATURE, check_int, check_real
+from .config import DEFAULT_EMA, DEFAULT_EXPLORATION, DEFAULT_PROBE_STEPS, DEFAULT_TEMPERATURE, check_int, check_real
 from .importance import ema_update
 
 __all__ = [
     "SAMPLER_ARGUMENTS",
+    "SIGNALS",
+    "GainSampler",
     "GrassSampler",
+    "L1Sampler",
     "Sampler",
     "StaticSampler",
     "UniformSampler",
@@ -119,6 +134,8 @@ def inclusion_probabilities(probabilities: Tensor, k: int) -> Tensor:
 
 # GrassAdamW arguments that build a sampler named by a string; a sampler object carries its own.
 SAMPLER_ARGUMENTS = ("temperature", "ema", "exploration")
+# What a sampler's scores are made of (its ``signal``); see the module docstring.
+SIGNALS = ("rms", "l1", "gain")
 
 
 class Sampler:
@@ -129,12 +146,14 @@ class Sampler:
 
     ``settings`` names the GrassAdamW arguments this sampler's behaviour depends on: its
     hyperparameters among :data:`SAMPLER_ARGUMENTS` (used when GrassAdamW builds it from a name),
-    and ``"update_every"`` when its ``refresh`` does something (it is called every ``update_every``
-    steps). A setting given to GrassAdamW but not used is warned about.
+    and ``"update_every"``/``"refresh_all"`` when its ``refresh`` does something (it is called every
+    ``update_every`` steps). A setting given to GrassAdamW but not used is warned about. ``signal``
+    names what the schedule measures for it (:data:`SIGNALS`; default ``"rms"``).
     """
 
     uses_importance: bool = True
-    settings: tuple[str, ...] = ("update_every",)
+    settings: tuple[str, ...] = ("update_every", "refresh_all")
+    signal: str = "rms"
 
     def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
         return importance
@@ -153,7 +172,7 @@ class Sampler:
 class GrassSampler(Sampler):
     """Adaptive GRASS: EMA refresh of measured blocks, scale-free softmax with temperature."""
 
-    settings: tuple[str, ...] = ("temperature", "ema", "exploration", "update_every")
+    settings: tuple[str, ...] = ("temperature", "ema", "exploration", "update_every", "refresh_all")
 
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE, ema: float = DEFAULT_EMA,
                  exploration: float = DEFAULT_EXPLORATION) -> None:
@@ -178,10 +197,31 @@ class StaticSampler(GrassSampler):
     window if it was not measured while probing) and keeps it.
     """
 
-    settings: tuple[str, ...] = ("temperature", "exploration")
+    settings: tuple[str, ...] = ("temperature", "exploration", "refresh_all")
 
     def refresh(self, importance: Tensor, window_mean: Tensor, measured: Tensor) -> Tensor:
         return torch.where(torch.isnan(importance) & measured, window_mean, importance)
+
+
+class L1Sampler(GrassSampler):
+    """GRASS's refresh and softmax over ``||g||_1``, the loss decrease one sign-like (Adam) step on
+    the block would give, instead of the gradient RMS."""
+
+    signal = "l1"
+
+
+class GainSampler(GrassSampler):
+    """A bandit over blocks: a block's score is the first-order loss decrease its own updates gave
+    per step, ``<g, theta_before - theta_after>``, averaged over the windows it was trained in (EMA).
+
+    Blocks never trained count as average, so every block gets tried; the score says what training
+    a block *did*, not how large its gradient is (a re-initialised block has small gradients but
+    large gains). Needs no probing (nothing is updated while probing), and ``refresh_all`` gives it
+    nothing (a block that is not updated has no gain).
+    """
+
+    signal = "gain"
+    settings: tuple[str, ...] = ("temperature", "ema", "exploration", "update_every")
 
 
 class UniformSampler(Sampler):
@@ -191,7 +231,9 @@ class UniformSampler(Sampler):
     settings: tuple[str, ...] = ()
 
 
-_NAMED: dict[str, Any] = {"grass": GrassSampler, "static": StaticSampler, "uniform": UniformSampler}
+_NAMED: dict[str, Any] = {"grass": GrassSampler, "static": StaticSampler, "uniform": UniformSampler,
+                          "l1": L1Sampler, "gain": GainSampler}
+_NAMES = ", ".join(map(repr, _NAMED))
 
 
 def resolve_sampler(sampler: Any, *, temperature: float = DEFAULT_TEMPERATURE, ema: float = DEFAULT_EMA,
@@ -202,7 +244,7 @@ def resolve_sampler(sampler: Any, *, temperature: float = DEFAULT_TEMPERATURE, e
     is an error even where it would have no effect.
     """
     if isinstance(sampler, str) and sampler not in _NAMED:
-        raise ValueError(f"Invalid sampler: {sampler!r} (expected 'grass', 'static', 'uniform' "
+        raise ValueError(f"Invalid sampler: {sampler!r} (expected {_NAMES} "
                          "or an object with refresh(), probabilities() and draw() methods)")
     if isinstance(sampler, type):
         raise TypeError(f"Invalid sampler: the class {sampler.__name__} (expected an instance, e.g. "
@@ -210,8 +252,11 @@ def resolve_sampler(sampler: Any, *, temperature: float = DEFAULT_TEMPERATURE, e
     if not isinstance(sampler, str):
         missing = [m for m in ("refresh", "probabilities", "draw") if not callable(getattr(sampler, m, None))]
         if missing:
-            raise TypeError(f"Invalid sampler: {sampler!r} lacks {', '.join(missing)}() (expected 'grass', "
-                            "'static', 'uniform' or an object implementing the grass_optim.Sampler protocol)")
+            raise TypeError(f"Invalid sampler: {sampler!r} lacks {', '.join(missing)}() (expected {_NAMES} "
+                            "or an object implementing the grass_optim.Sampler protocol)")
+    signal = getattr(sampler, "signal", "rms")
+    if not isinstance(sampler, str) and signal not in SIGNALS:
+        raise ValueError(f"Invalid sampler: its signal {signal!r} is not one of {', '.join(map(repr, SIGNALS))}")
     check_real("temperature", temperature, 0.0, low_open=True)
     check_real("ema", ema, 0.0, 1.0, low_open=True)
     check_real("exploration", exploration, 0.0, 1.0)
@@ -228,3 +273,11 @@ def unused_settings(sampler: Any, resolved: Any, given: dict[str, Any]) -> list[
     if not isinstance(sampler, str):
         declared -= set(SAMPLER_ARGUMENTS)
     return [name for name in given if name not in declared]
+
+
+def default_probe_steps(sampler: Any) -> int:
+    """What ``probe_steps=None`` means for this sampler: 10, or 0 for a sampler that does not use the
+    scores (``uses_importance = False``) or whose signal probing cannot measure (``"gain"``)."""
+    if not getattr(sampler, "uses_importance", True) or getattr(sampler, "signal", "rms") == "gain":
+        return 0
+    return DEFAULT_PROBE_STEPS

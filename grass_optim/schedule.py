@@ -4,10 +4,10 @@ A :class:`Schedule` knows the blocks only as indices ``0..L-1`` with a parameter
 needs no model, no optimizer and no gradients, so its invariants are tested on their own
 (``tests/test_schedule.py``). One optimizer step is, in order:
 
-1. :meth:`Schedule.record` adds this step's per-block squared gradient norms to the open window (on
-   the gradients' device, without a host synchronisation);
-2. the update of the blocks in :attr:`Schedule.active_blocks` happens elsewhere (nothing while
-   :attr:`Schedule.is_probing`);
+1. :meth:`Schedule.record` adds this step's per-block signal (the sampler's ``signal``: gradient
+   RMS by default) to the open window, for the blocks in :attr:`Schedule.gradient_blocks`, on the
+   gradients' device, without a host synchronisation;
+2. the update of the active set happens elsewhere (nothing while :attr:`Schedule.is_probing`);
 3. :meth:`Schedule.advance` counts the step and, when due, ends probing, refreshes the scores from
    the window and redraws the active set; it returns which of these happened.
 
@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 
 from .config import GrassConfig
-from .importance import accumulate_window, block_grad_rms, window_mean
+from .importance import accumulate_window, window_mean
+from .sampling import Sampler
 
 __all__ = ["REDRAW_EVENTS", "STATE_VERSION", "Schedule"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: the hook sums were called probe_sq / probe_hits (read and renamed on load)
 
 # Checkpoint keys, by lifecycle. Identity of the run: checked against this schedule, never restored.
 VERSION, NUM_LAYERS, LAYER_NUMEL, CONFIG = "version", "num_layers", "layer_numel", "config"
@@ -40,11 +41,12 @@ STEP, SEED, ACTIVE, GENERATOR, SAMPLER = "step", "seed", "active", "generator", 
 VECTORS: dict[str, tuple[torch.dtype, bool]] = {
     "importance": (torch.float64, False),  # scores; NaN: not measured yet, 0: block never drawn
     "probabilities": (torch.float64, False),  # the distribution of the next draws
-    "window_sum": (torch.float32, True),  # sum of per-step RMS since the last refresh
+    "window_sum": (torch.float32, True),  # sum of the per-step signal since the last refresh
     "window_count": (torch.int64, True),  # steps measured since the last refresh
-    "probe_sq": (torch.float32, True),  # squared norms the probing hooks collected this step
-    "probe_hits": (torch.int64, True),  # gradients the probing hooks saw this step
+    "hook_sum": (torch.float32, True),  # partial sums the gradient hooks collected this step
+    "hook_hits": (torch.int64, True),  # gradients the hooks saw this step
 }
+_RENAMED_IN_2 = {"probe_sq": "hook_sum", "probe_hits": "hook_hits"}
 REQUIRED = (VERSION, NUM_LAYERS, LAYER_NUMEL, STEP, SEED, ACTIVE, *VECTORS, GENERATOR)  # SAMPLER, CONFIG optional
 
 # Events returned by advance(); those that change the active set.
@@ -77,8 +79,8 @@ class Schedule:
     probabilities: Tensor
     window_sum: Tensor
     window_count: Tensor
-    probe_sq: Tensor
-    probe_hits: Tensor
+    hook_sum: Tensor
+    hook_hits: Tensor
 
     def __init__(self, config: GrassConfig, sampler: Any, numel: Sequence[int], seed: int,
                  device: torch.device | str = "cpu", ranks: RankAgreement | None = None) -> None:
@@ -91,7 +93,6 @@ class Schedule:
             raise ValueError(f"Invalid active_layers: {config.active_layers} (expected an int in "
                              f"[1, {int(self.sampleable.sum())}]: the blocks with trainable parameters)")
         self.device = torch.device(device)
-        self._numel = torch.tensor(self.numel, dtype=torch.float32, device=self.device)
         self.step = 0
         self.seed = int(seed)
         self.generator = torch.Generator(device="cpu")
@@ -116,10 +117,31 @@ class Schedule:
 
     @property
     def active_blocks(self) -> tuple[int, ...]:
-        """The blocks that get gradients now: every sampleable block while probing, else the active set."""
+        """The blocks trained now: every sampleable block while probing (measured, not updated), else
+        the active set."""
         if self.is_probing:
-            return tuple(int(i) for i in self.sampleable.nonzero().flatten().tolist())
+            return self._sampleable_blocks()
         return self.active
+
+    @property
+    def measures_all(self) -> bool:
+        """True on the step before each refresh with ``refresh_all``: every block gets gradients (their
+        signal is measured), only the active set is updated. Only for a sampler that lists
+        ``"refresh_all"`` in its ``settings`` (not ``"uniform"``, which ignores scores, nor ``"gain"``,
+        whose signal only an update gives)."""
+        uses = "refresh_all" in getattr(self.sampler, "settings", Sampler.settings)
+        if not (self.config.refresh_all and uses) or self.is_probing:
+            return False
+        return (self.step + 1 - self.config.probe_steps) % self.config.update_every == 0
+
+    @property
+    def gradient_blocks(self) -> tuple[int, ...]:
+        """The blocks that get gradients this step: every sampleable block while probing and on a
+        ``refresh_all`` step, else the active set."""
+        return self._sampleable_blocks() if self.measures_all else self.active_blocks
+
+    def _sampleable_blocks(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in self.sampleable.nonzero().flatten().tolist())
 
     @property
     def current_probabilities(self) -> Tensor:
@@ -129,23 +151,24 @@ class Schedule:
         return self.probabilities.clone()
 
     # ------------------------------------------------------------------ transitions
-    def record(self, sq_norms: Tensor, hits: Tensor) -> None:
-        """Add this step's RMS ``sqrt(sq_norms / numel)`` of the blocks with ``hits > 0`` to the window.
+    def record(self, values: Tensor, hits: Tensor) -> None:
+        """Add this step's signal ``values`` of the blocks with ``hits > 0`` to the window.
 
         Runs on the device without reading anything back: ordinary steps never synchronise.
+        Non-finite values never enter the scores.
         """
-        accumulate_window(self.window_sum, self.window_count, block_grad_rms(sq_norms, self._numel), hits > 0)
+        accumulate_window(self.window_sum, self.window_count, values, hits > 0)
 
-    def take_probe_sums(self) -> tuple[Tensor, Tensor]:
-        """The squared norms and hit counts the probing hooks collected this step; then reset them."""
-        sq, hits = self.probe_sq.clone(), self.probe_hits.clone()
-        self.drop_probe_sums()
-        return sq, hits
+    def take_hook_sums(self) -> tuple[Tensor, Tensor]:
+        """The partial sums and hit counts the gradient hooks collected this step; then reset them."""
+        partial, hits = self.hook_sum.clone(), self.hook_hits.clone()
+        self.drop_hook_sums()
+        return partial, hits
 
-    def drop_probe_sums(self) -> None:
-        """Forget this step's probing sums (their gradients were cleared before any step used them)."""
-        self.probe_sq.zero_()
-        self.probe_hits.zero_()
+    def drop_hook_sums(self) -> None:
+        """Forget this step's hook sums (their gradients were cleared before any step used them)."""
+        self.hook_sum.zero_()
+        self.hook_hits.zero_()
 
     def advance(self) -> str | None:
         """Count one optimizer step; end probing, refresh and redraw when due.
@@ -176,7 +199,6 @@ class Schedule:
     def to(self, device: torch.device | str) -> None:
         """Move the per-step accumulators (e.g. when the model moved after construction)."""
         self.device = torch.device(device)
-        self._numel = self._numel.to(self.device)
         for name, (_, on_device) in VECTORS.items():
             if on_device:
                 setattr(self, name, getattr(self, name).to(self.device))
@@ -249,6 +271,8 @@ class Schedule:
         """
         if not isinstance(state, dict):
             raise ValueError(f"Invalid state_dict: the 'grass' entry is a {type(state).__name__}, not a dict")
+        if state.get(VERSION) == 1:  # the same fields under older names
+            state = {_RENAMED_IN_2.get(k, k): v for k, v in state.items()} | {VERSION: STATE_VERSION}
         missing = [k for k in REQUIRED if k not in state]
         if missing:
             raise ValueError(f"Invalid state_dict: the 'grass' entry lacks {', '.join(missing)}")
@@ -285,7 +309,7 @@ class Schedule:
     def apply_checked(self, values: dict[str, Any]) -> None:
         """Set the values returned by :meth:`check_state_dict` (cannot fail)."""
         self.step, self.seed, self.active = values[STEP], values[SEED], values[ACTIVE]
-        for name in VECTORS:  # in place: the probing hooks hold views of probe_sq and probe_hits
+        for name in VECTORS:  # in place: the gradient hooks hold views of hook_sum and hook_hits
             getattr(self, name).copy_(values[name])
         self.generator.set_state(values[GENERATOR].cpu())
         if values[SAMPLER] is not None and hasattr(self.sampler, "load_state_dict"):

@@ -161,10 +161,10 @@ def run_scenario(offload, data, model=None, opt=None, **kwargs):
     return model, opt, log
 
 
-def resumable_run(save_at: int | None, total: int = 37):
+def resumable_run(save_at: int | None, total: int = 37, **overrides):
     """Train ``total`` steps; if ``save_at`` is set, checkpoint there (through torch.save) and continue
     in a fresh model and optimizer. Returns (model, optimizer, active set after every step)."""
-    kwargs = dict(lr=1e-2, active_layers=2, switch_every=5, update_every=3, probe_steps=4, seed=3)
+    kwargs = {**dict(lr=1e-2, active_layers=2, switch_every=5, update_every=3, probe_steps=4, seed=3), **overrides}
     model = make_net()
     opt = GrassAdamW(model, **kwargs)
     data = batches(total)
@@ -180,6 +180,6 @@ def resumable_run(save_at: int | None, total: int = 37):
     opt.load_state_dict(ckpt["opt"])
     for i, block in enumerate(model.layers):
         for p in block.parameters():
-            assert p.requires_grad == (i in opt.active_layer_indices)
+            assert p.requires_grad == (i in opt.schedule.gradient_blocks)
     train(model, opt, data[save_at:], after_step=lambda _: schedule.append(opt.active_layer_indices))
     return model, opt, schedule

@@ -24,8 +24,8 @@ GOOD = {"active_layers": 2, "switch_every": 50, "probe_steps": None, "update_eve
         "probe_low_memory": True}
 
 
-def _build(uses_importance: bool = True, **overrides):
-    return GrassConfig.build(**{**GOOD, **overrides}, uses_importance=uses_importance)
+def _build(default_probe_steps: int = DEFAULT_PROBE_STEPS, **overrides):
+    return GrassConfig.build(**{**GOOD, **overrides}, default_probe_steps=default_probe_steps)
 
 
 BAD = [
@@ -51,6 +51,8 @@ BAD = [
     ("probe_low_memory", 1, TypeError),
     ("probe_low_memory", "yes", TypeError),
     ("probe_low_memory", None, TypeError),
+    ("refresh_all", 1, TypeError),
+    ("refresh_all", "yes", TypeError),
     ("offload", "gpu", ValueError),
     ("offload", 1, ValueError),
     ("offload_overlap", 1, TypeError),
@@ -76,15 +78,16 @@ def test_config_defaults_and_resolution():
     assert cfg == GrassConfig()  # the dataclass defaults and build() agree
     assert (cfg.active_layers, cfg.switch_every, cfg.probe_steps, cfg.update_every) == (
         DEFAULT_ACTIVE_LAYERS, DEFAULT_SWITCH_EVERY, DEFAULT_PROBE_STEPS, DEFAULT_SWITCH_EVERY)
-    assert (cfg.outside_blocks, cfg.probe_low_memory, cfg.offload) == (
-        DEFAULT_OUTSIDE_BLOCKS, DEFAULT_PROBE_LOW_MEMORY, None)
-    assert _build(uses_importance=False).probe_steps == 0  # e.g. the uniform sampler: no probing
-    assert _build(uses_importance=False, probe_steps=3).probe_steps == 3  # an explicit value wins
+    assert (cfg.outside_blocks, cfg.probe_low_memory, cfg.offload, cfg.refresh_all) == (
+        DEFAULT_OUTSIDE_BLOCKS, DEFAULT_PROBE_LOW_MEMORY, None, False)
+    assert _build(default_probe_steps=0).probe_steps == 0  # e.g. the uniform sampler: no probing
+    assert _build(default_probe_steps=0, probe_steps=3).probe_steps == 3  # an explicit value wins
     assert _build(switch_every=7).update_every == 7  # update_every follows switch_every
     assert _build(switch_every=7, update_every=3).update_every == 3
     assert [_build(offload=v).offload for v in (None, False, True, "inactive", "stream")] == [
         None, None, "inactive", "inactive", "stream"]
-    assert cfg.schedule_settings() == {"active_layers": 2, "switch_every": 50, "probe_steps": 10, "update_every": 50}
+    assert cfg.schedule_settings() == {"active_layers": 2, "switch_every": 50, "probe_steps": 10, "update_every": 50,
+                                       "refresh_all": False}
 
 
 def test_config_accepts_boundaries():

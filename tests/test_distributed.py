@@ -72,6 +72,28 @@ def test_ddp_ranks_agree_and_match_one_process(pool, order, probe_steps):
     _assert_matches_reference(outcomes, ref, atol=1e-6)
 
 
+VARIANTS = [{"refresh_all": True}, {"sampler": "l1", "refresh_all": True}, {"sampler": "gain"}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["refresh_all", "l1+refresh_all", "gain"])
+@pytest.mark.parametrize("task", ["ddp_train", "fsdp_train"])
+def test_refresh_all_and_other_signals_match_one_process(pool, task, variant):
+    """The measure-every-block step and the l1/gain signals under DDP (gradients averaged, every
+    block measured in step()) and FSDP2 (sums of shards added across ranks)."""
+    steps = 18
+    kwargs = {"probe_steps": 0, "switch_every": 3, "active_layers": 1, "seed": 5, **variant}
+    extra = {"order": "after"} if task == "ddp_train" else {}
+    outcomes = pool.run(task, steps=steps, **extra, **kwargs)
+    values = [o.unwrap() for o in outcomes]
+    assert _actives(values[0]["history"]) == _actives(values[1]["history"])
+    d = H.FSDP_D if task == "fsdp_train" else 8
+    ref = H.train_reference(steps, d=d, **kwargs)
+    _assert_matches_reference(outcomes, ref, atol=1e-6)
+    final = _importances(values[0]["history"])[-1]
+    if variant.get("refresh_all"):
+        assert torch.isfinite(final).all(), "every block is scored at the first refresh"
+
+
 def test_ddp_resume_from_rank0_checkpoint(pool, tmp_path):
     """opt.state_dict() is the same on every rank: rank 0 saves it, every rank loads it into a fresh
     model, DDP and GrassAdamW; the continued run is bit-identical to an uninterrupted one."""

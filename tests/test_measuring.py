@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from grass_optim import GrassAdamW
-from tests.helpers import RecordingSampler, batches, loss_fn, make_net, train
+from grass_optim import GainSampler, GrassAdamW, GrassSampler
+from tests.helpers import RecordingSampler, assert_same_params, batches, loss_fn, make_net, train
 
 L = 4
 
@@ -132,3 +132,200 @@ def test_grad_scaler_works_while_probing_and_after():
         scaler.step(opt)
         scaler.update()
     assert opt.num_steps == 6 and torch.isfinite(opt.importance).all()
+
+
+# ----------------------------------------------------------------------------- refresh_all
+class _Cycle(GrassSampler):
+    """Draws blocks in a fixed cycle whatever the scores (so runs with and without refresh_all take
+    the same updates), and records what each refresh was handed."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.turn = [], 0
+
+    def refresh(self, importance, window_mean, measured):
+        self.calls.append((window_mean.clone(), measured.clone()))
+        return super().refresh(importance, window_mean, measured)
+
+    def draw(self, probabilities, k, generator):
+        n = probabilities.numel()
+        out = torch.tensor([(self.turn + j) % n for j in range(k)])
+        self.turn += k
+        return out
+
+
+def _refresh_run(refresh_all, *, offload=None, low_memory=True, steps=13, observe=None):
+    model = make_net()
+    rec = _Cycle()
+    opt = GrassAdamW(model, lr=1e-2, weight_decay=0.1, sampler=rec, active_layers=1, switch_every=3,
+                     probe_steps=0, refresh_all=refresh_all, offload=offload, probe_low_memory=low_memory, seed=0)
+    for x, y in batches(steps):
+        if observe is not None:
+            observe(model, opt)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    return model, opt, rec
+
+
+@pytest.mark.parametrize("offload", [None, "inactive", "stream"])
+@pytest.mark.parametrize("low_memory", [True, False], ids=["hooks", "kept-grads"])
+def test_refresh_all_measures_every_block_and_updates_only_the_active_one(offload, low_memory):
+    """Same draws, so the same updates as without refresh_all, bit for bit; but every refresh sees
+    every block measured, and the measure step leaves the inactive blocks' weights, optimizer state
+    and placement alone."""
+    ref_model, ref_opt, ref_rec = _refresh_run(False, offload=offload)
+    seen = []
+
+    def observe(model, opt):
+        if opt.schedule.measures_all:
+            grads_before = [p.requires_grad for p in model.layers.parameters()]
+            seen.append((opt.active_layer_indices, all(grads_before), opt.memory_report()))
+
+    model, opt, rec = _refresh_run(True, offload=offload, low_memory=low_memory, observe=observe)
+    assert_same_params(ref_model, model)
+    for p, q in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert ref_opt.state[p].keys() == opt.state[q].keys()
+        for k in ref_opt.state[p]:
+            assert torch.equal(ref_opt.state[p][k], opt.state[q][k])
+    assert len(seen) == 4  # steps 2, 5, 8, 11: the step before each refresh
+    assert all(all_on for _, all_on, _ in seen), "every block gets gradients on a measure step"
+    if offload is not None:  # parked state stays parked while the inactive blocks are measured
+        for active, _, report in seen:
+            assert all(b == 0 for i, b in enumerate(report.device_state_bytes_per_block) if i not in active)
+    assert [m.all() for _, m in rec.calls] == [True] * 4
+    assert [int(m.sum()) for _, m in ref_rec.calls] == [1] * 4
+    assert torch.isfinite(opt.importance).all(), "every block has a score after the first refresh"
+
+
+def test_refresh_all_scores_are_the_measure_steps_rms_for_inactive_blocks():
+    ref = make_net()
+    ref.load_state_dict(make_net().state_dict())
+    expected = {}
+
+    def observe(model, opt):
+        if opt.schedule.measures_all and opt.num_steps == 2:
+            ref.load_state_dict(model.state_dict())
+            x, y = batches(13)[2]
+            ref.zero_grad()
+            loss_fn(ref, x, y).backward()
+            for i, block in enumerate(ref.layers):
+                if i not in opt.active_layer_indices:
+                    expected[i] = _rms(block)
+
+    _, _, rec = _refresh_run(True, observe=observe)
+    mean, _ = rec.calls[0]
+    assert len(expected) == L - 1
+    for i, want in expected.items():
+        assert math.isclose(float(mean[i]), want, rel_tol=1e-5)
+
+
+def test_refresh_all_scores_with_a_grad_scaler_equal_the_unscaled_run():
+    def run(scaler_on):
+        model = make_net()
+        rec = _Cycle()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6, enabled=scaler_on)
+        opt = GrassAdamW(model, lr=1e-2, sampler=rec, active_layers=1, switch_every=3, probe_steps=0,
+                         refresh_all=True, seed=0, grad_scaler=scaler if scaler_on else None)
+        for x, y in batches(9):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(model, x, y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return rec.calls
+
+    for (got, measured), (want, _) in zip(run(True), run(False), strict=True):
+        assert measured.all()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_refresh_all_with_accumulation_measures_once_per_optimizer_step():
+    """Kept gradients (probe_low_memory=False): the measure step's norms are those of the
+    accumulated gradient, as with one big batch; the hooks would take them per micro-batch (the
+    caveat documented for probing)."""
+    def run(k):
+        model = make_net()
+        rec = _Cycle()
+        opt = GrassAdamW(model, lr=1e-2, sampler=rec, active_layers=1, switch_every=3, probe_steps=0,
+                         refresh_all=True, probe_low_memory=False, seed=0)
+        for x, y in batches(9, batch=32):
+            opt.zero_grad()
+            for xm, ym in zip(x.chunk(k), y.chunk(k), strict=True):
+                (loss_fn(model, xm, ym) / k).backward()
+            opt.step()
+        return model, rec.calls
+
+    big_model, big = run(1)
+    model, acc = run(4)
+    assert len(acc) == len(big) == 3
+    for (m, meas), (rm, rmeas) in zip(acc, big, strict=True):
+        assert meas.all() and rmeas.all()
+        torch.testing.assert_close(m, rm, rtol=1e-5, atol=0)
+    for p, q in zip(model.parameters(), big_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- other signals
+@pytest.mark.parametrize("low_memory", [True, False], ids=["hooks", "kept-grads"])
+def test_l1_probing_scores_are_the_mean_l1_norm(low_memory):
+    model, ref = make_net(), make_net()
+    T = 4
+    opt = GrassAdamW(model, sampler="l1", probe_steps=T, probe_low_memory=low_memory, seed=0)
+    expected = torch.zeros(L, dtype=torch.float64)
+    for x, y in batches(T):
+        ref.zero_grad()
+        loss_fn(ref, x, y).backward()
+        for i, block in enumerate(ref.layers):
+            expected[i] += sum(float(p.grad.double().abs().sum()) for p in block.parameters()) / T
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    torch.testing.assert_close(opt.importance, expected, rtol=1e-5, atol=0)
+
+
+class _GainRecorder(GainSampler):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def refresh(self, importance, window_mean, measured):
+        self.calls.append((window_mean.clone(), measured.clone()))
+        return super().refresh(importance, window_mean, measured)
+
+
+@pytest.mark.parametrize("offload", [None, "stream"])
+def test_gain_is_the_first_order_loss_decrease_of_each_update(offload):
+    """The recorded gain of an updated block is <g, theta_before - theta_after>, summed over its
+    parameters, averaged over the window; blocks not updated have none."""
+    model = make_net()
+    rec = _GainRecorder()
+    opt = GrassAdamW(model, lr=1e-2, sampler=rec, active_layers=2, switch_every=3, seed=0, offload=offload)
+    sums, counts = torch.zeros(L, dtype=torch.float64), torch.zeros(L)
+    for x, y in batches(3):
+        active = opt.active_layer_indices
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        before = {id(p): p.detach().clone() for p in model.parameters()}
+        grads = {id(p): p.grad.clone() for p in model.parameters() if p.grad is not None}
+        opt.step()
+        for i in active:
+            sums[i] += sum(float((grads[id(p)].double() * (before[id(p)].double() - p.detach().double())).sum())
+                           for p in model.layers[i].parameters())
+            counts[i] += 1
+    (mean, measured), = rec.calls
+    assert measured.tolist() == [c > 0 for c in counts.tolist()]
+    expected = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+    torch.testing.assert_close(mean, expected, rtol=1e-4, atol=1e-9)
+    assert (mean[measured] > 0).all(), "descent steps decrease the loss to first order"
+
+
+def test_gain_sampler_needs_no_probing_and_trains_like_the_others():
+    model = make_net()
+    opt = GrassAdamW(model, sampler="gain", active_layers=1, switch_every=2, seed=0)
+    assert opt.config.probe_steps == 0 and not opt.is_probing
+    train(model, opt, batches(12))
+    scored = torch.isfinite(opt.importance)
+    assert int(scored.sum()) >= 2 and torch.isnan(opt.importance[~scored]).all(), "trained blocks have scores"
+    assert math.isclose(float(opt.probabilities.sum()), 1.0)

@@ -34,6 +34,20 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(save_at):
     assert_same_state(opt_a, model_a, opt_b, model_b)
 
 
+@pytest.mark.parametrize(("save_at", "variant"), [
+    (6, {"refresh_all": True}),  # saved right before a measure-every-block step (4 + 3 - 1)
+    (9, {"refresh_all": True, "sampler": "l1"}),
+    (11, {"sampler": "gain", "probe_steps": 0}),
+], ids=["refresh_all-before-measure-step", "l1-refresh_all", "gain"])
+def test_resume_with_refresh_all_and_other_signals_is_bit_identical(save_at, variant):
+    model_a, opt_a, sched_a = resumable_run(None, **variant)
+    model_b, opt_b, sched_b = resumable_run(save_at, **variant)
+    assert sched_a == sched_b
+    assert_same_params(model_a, model_b)
+    torch.testing.assert_close(opt_a.importance, opt_b.importance, rtol=0, atol=0, equal_nan=True)
+    assert_same_state(opt_a, model_a, opt_b, model_b)
+
+
 def test_state_dict_holds_the_whole_schedule():
     model = make_net()
     opt = GrassAdamW(model, probe_steps=2, switch_every=3)

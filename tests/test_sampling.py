@@ -13,10 +13,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from grass_optim.sampling import (
+    GainSampler,
     GrassSampler,
+    L1Sampler,
     Sampler,
     StaticSampler,
     UniformSampler,
+    default_probe_steps,
     inclusion_probabilities,
     resolve_sampler,
     sample_without_replacement,
@@ -560,24 +563,43 @@ def test_resolve_sampler_accepts_boundaries_as_floats():
     assert resolve_sampler("grass", temperature=1e-12, ema=1e-12, exploration=0).exploration == 0.0
 
 
-def test_each_sampler_declares_the_settings_it_uses():
-    assert set(GrassSampler.settings) == {"temperature", "ema", "exploration", "update_every"}
-    assert set(StaticSampler.settings) == {"temperature", "exploration"}
+def test_each_sampler_declares_the_settings_it_uses_and_its_signal():
+    assert set(GrassSampler.settings) == {"temperature", "ema", "exploration", "update_every", "refresh_all"}
+    assert set(L1Sampler.settings) == set(GrassSampler.settings)
+    assert set(StaticSampler.settings) == {"temperature", "exploration", "refresh_all"}
+    assert set(GainSampler.settings) == {"temperature", "ema", "exploration", "update_every"}  # no refresh_all
     assert UniformSampler.settings == ()
-    assert Sampler.settings == ("update_every",)  # a custom refresh runs every update_every steps
+    assert Sampler.settings == ("update_every", "refresh_all")  # a custom refresh runs every update_every steps
+    assert [s.signal for s in (Sampler, GrassSampler, StaticSampler, L1Sampler, GainSampler)] == [
+        "rms", "rms", "rms", "l1", "gain"]
+    assert [default_probe_steps(resolve_sampler(n)) for n in ("grass", "static", "l1", "gain", "uniform")] == [
+        10, 10, 10, 0, 0]
 
 
-GIVEN = {"temperature": 2.0, "ema": 0.3, "exploration": 0.1, "update_every": 5}
+def test_resolve_sampler_names_and_signals():
+    assert type(resolve_sampler("l1", **HYPER)) is L1Sampler and type(resolve_sampler("gain", **HYPER)) is GainSampler
+    with pytest.raises(ValueError, match="expected 'grass', 'static', 'uniform', 'l1', 'gain' or an object"):
+        resolve_sampler("rms")
+
+    class OddSignal(GrassSampler):
+        signal = "l2"
+
+    with pytest.raises(ValueError, match="its signal 'l2' is not one of 'rms', 'l1', 'gain'"):
+        resolve_sampler(OddSignal())
+
+
+GIVEN = {"temperature": 2.0, "ema": 0.3, "exploration": 0.1, "update_every": 5, "refresh_all": True}
 
 
 @pytest.mark.parametrize(("sampler", "unused"), [
     ("grass", []),
     ("static", ["ema", "update_every"]),
-    ("uniform", ["temperature", "ema", "exploration", "update_every"]),
+    ("uniform", ["temperature", "ema", "exploration", "update_every", "refresh_all"]),
+    ("gain", ["refresh_all"]),
     (GrassSampler(), ["temperature", "ema", "exploration"]),  # an object carries its own hyperparameters
-    (UniformSampler(), ["temperature", "ema", "exploration", "update_every"]),
+    (UniformSampler(), ["temperature", "ema", "exploration", "update_every", "refresh_all"]),
     ("duck", ["temperature", "ema", "exploration"]),  # no `settings`: treated as a Sampler
-], ids=["grass", "static", "uniform", "GrassSampler()", "UniformSampler()", "duck-typed"])
+], ids=["grass", "static", "uniform", "gain", "GrassSampler()", "UniformSampler()", "duck-typed"])
 def test_unused_settings(sampler, unused):
     arg = _DuckSampler() if sampler == "duck" else sampler
     assert unused_settings(arg, resolve_sampler(arg), GIVEN) == unused

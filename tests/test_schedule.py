@@ -83,6 +83,21 @@ def test_events_fall_exactly_on_the_schedule(spec, steps):
 
 
 @PROPS
+@given(schedules(), st.sampled_from(["grass", "static", "l1", "gain"]), st.integers(0, 12))
+def test_refresh_all_gives_every_block_gradients_exactly_on_the_step_before_each_refresh(spec, sampler, steps):
+    cfg, numel, _, seed = spec
+    s = _build({**cfg, "refresh_all": True}, numel, sampler, seed)
+    sampleable = tuple(i for i, n in enumerate(numel) if n)
+    for _ in range(steps):
+        n_next = s.step + 1 - cfg["probe_steps"]
+        expect_all = sampler != "gain" and not s.is_probing and n_next > 0 and n_next % cfg["update_every"] == 0
+        assert s.measures_all == expect_all
+        assert s.gradient_blocks == (sampleable if (expect_all or s.is_probing) else s.active_blocks)
+        assert s.active_blocks == (sampleable if s.is_probing else s.active)  # only the active set updates
+        _one_step(s, [1.0] * 8, skip=0)
+
+
+@PROPS
 @given(schedules(), measurements)
 def test_exactly_gamma_sampleable_blocks_are_active_after_probing(spec, steps):
     cfg, numel, sampler, seed = spec
@@ -167,7 +182,19 @@ def test_state_dict_lists_every_field_once_and_hands_out_copies():
     for name in VECTORS:
         assert sd[name] is not getattr(s, name) and sd[name].data_ptr() != getattr(s, name).data_ptr()
         assert sd[name].device.type == "cpu"
-    assert sd["config"] == {"active_layers": 2, "switch_every": 2, "probe_steps": 1, "update_every": 1}
+    assert sd["config"] == {"active_layers": 2, "switch_every": 2, "probe_steps": 1, "update_every": 1,
+                            "refresh_all": False}
+
+
+def test_a_version_1_checkpoint_is_read():
+    s = _build({"active_layers": 1, "switch_every": 2, "probe_steps": 2, "update_every": 2}, [3, 3, 3], "grass", 0)
+    s.record(torch.tensor([4.0, 9.0, 1.0]), torch.tensor([1, 1, 1]))
+    s.hook_sum += torch.tensor([1.0, 2.0, 3.0])
+    v2 = s.state_dict()
+    v1 = {{"hook_sum": "probe_sq", "hook_hits": "probe_hits"}.get(k, k): v for k, v in v2.items()} | {"version": 1}
+    fresh = _build({"active_layers": 1, "switch_every": 2, "probe_steps": 2, "update_every": 2}, [3, 3, 3], "grass", 1)
+    fresh.load_state_dict(v1)
+    _assert_same_state(fresh.state_dict(), v2)
 
 
 def test_check_state_dict_names_the_problem_and_changes_nothing():
