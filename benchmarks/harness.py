@@ -7,6 +7,8 @@
 * **Output**: :func:`log`, :func:`progress`, :func:`markdown_table`, :func:`write_json` (atomic, strict
   JSON), :func:`environment`.
 * **The timed step** (:func:`train_step`, :func:`synchronize`).
+* **Statistics** (:func:`mean_ci`, :func:`paired_differences`): means with 95 % t-intervals, and
+  differences paired by seed.
 * **Processes** (:class:`Worker`, :func:`serve`, :func:`map_unordered`): the script itself as a child
   process that answers one JSON line with one JSON line.
 
@@ -72,6 +74,13 @@ METHODS: dict[str, Method] = {
     "lisa": Method({"sampler": "uniform", "probe_steps": 0}, "lisa", "LISA: uniform draws, no probing"),
     "grass-static": Method({"sampler": "static"}, "grass", "static GRASS: the probing scores, never refreshed"),
     "grass": Method({"sampler": "grass"}, "grass", "GRASS: importance sampling, the published method"),
+    "grass-refresh": Method({"sampler": "grass", "refresh_all": True}, "grass",
+                            "GRASS with refresh_all: every block measured on the step before each refresh"),
+    "l1": Method({"sampler": "l1", "refresh_all": True}, "grass",
+                 "scores from ||g||_1 (the loss decrease a sign-like Adam step would give), refresh_all"),
+    "gain": Method({"sampler": "gain"}, "grass", "a bandit on the first-order loss decrease of each block's updates"),
+    "grass-probe": Method({"sampler": "grass"}, "grass", "GRASS with the script's probing steps"),
+    "lisa-probe": Method({"sampler": "uniform"}, "lisa", "LISA given the same probing steps as grass-probe"),
     "grass-inactive": Method({"sampler": "grass", "offload": "inactive"}, "grass-inactive",
                              "GRASS, inactive blocks' state parked on the host"),
     "grass-stream": Method({"sampler": "grass", "offload": "stream"}, "grass-stream",
@@ -107,6 +116,34 @@ def state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
     else:
         rep = grass_optim.memory.memory_report(opt.state)
     return {"device": rep.device_state_bytes, "host": rep.host_state_bytes}
+
+
+# -------------------------------------------------------------------------------------- statistics
+# Two-sided 95 % quantiles of Student's t, by degrees of freedom (beyond 30: the normal's, corrected).
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+         2.042]
+
+
+def t975(df: int) -> float:
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def mean_ci(xs: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the half-width of its 95 % t-interval (None below 2 values)."""
+    n = len(xs)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci95": None}
+    mean = sum(xs) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": None, "ci95": None}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return {"n": n, "mean": mean, "sd": sd, "ci95": t975(n - 1) * sd / math.sqrt(n)}
+
+
+def paired_differences(a: dict[Any, float], b: dict[Any, float]) -> list[float]:
+    """``a[k] - b[k]`` for every key (seed) both have, in key order."""
+    return [a[k] - b[k] for k in sorted(set(a) & set(b))]
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -223,9 +260,11 @@ def synchronize(device: str | torch.device) -> None:
 
 
 def train_step(loss_of: Callable[[], Tensor], opt: torch.optim.Optimizer,
-               after_step: Callable[[], Any] | None = None) -> tuple[Tensor, tuple[float, ...]]:
-    """One training step: ``loss_of()`` (forward and loss), backward, ``opt.step()``, ``after_step()``
-    (e.g. the LR scheduler), ``opt.zero_grad(set_to_none=True)``.
+               after_step: Callable[[], Any] | None = None,
+               before_step: Callable[[], Any] | None = None) -> tuple[Tensor, tuple[float, ...]]:
+    """One training step: ``loss_of()`` (forward and loss), backward, ``before_step()`` (e.g. a
+    diagnostic that reads the gradients), ``opt.step()``, ``after_step()`` (e.g. the LR scheduler),
+    ``opt.zero_grad(set_to_none=True)``.
 
     Returns the loss, unread (reading it would synchronise with the device), and the host seconds of
     each of :data:`PHASES` (meaningful per phase on CPU, where nothing runs asynchronously).
@@ -234,6 +273,8 @@ def train_step(loss_of: Callable[[], Tensor], opt: torch.optim.Optimizer,
     loss = loss_of()
     t1 = time.perf_counter()
     loss.backward()
+    if before_step is not None:
+        before_step()
     t2 = time.perf_counter()
     opt.step()
     if after_step is not None:

@@ -124,13 +124,14 @@ def quality(monkeypatch):
 def test_quality_set_overrides_and_rejects_unknown_keys(quality):
     q = quality
     prof = q.apply_overrides(q.copy.deepcopy(q.PROFILES["quick"]),
-                             ["llama.steps=7", "seeds=[0, 1]", "minilm.lr_grid=[1e-4,3e-4]", 'minilm_tasks=["count"]'])
-    assert prof["llama"]["steps"] == 7 and prof["seeds"] == [0, 1]
-    assert prof["minilm"]["lr_grid"] == [1e-4, 3e-4] and prof["minilm_tasks"] == ["count"]
+                             ["llama.steps=7", "llama.seeds=4", "minilm.lr_grid.layerwise=[1e-4,3e-4]",
+                              'minilm.tasks=["count"]'])
+    assert prof["llama"]["steps"] == 7 and prof["llama"]["seeds"] == 4
+    assert prof["minilm"]["lr_grid"]["layerwise"] == [1e-4, 3e-4] and prof["minilm"]["tasks"] == ["count"]
     with pytest.raises(SystemExit, match="unknown key 'llama.stepz'"):
         q.apply_overrides(q.copy.deepcopy(q.PROFILES["quick"]), ["llama.stepz=7"])
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
-        q.apply_overrides(q.copy.deepcopy(q.PROFILES["quick"]), ["seeds"])
+        q.apply_overrides(q.copy.deepcopy(q.PROFILES["quick"]), ["llama.seeds"])
 
 
 def test_quality_variants_on_the_command_line(quality):
