@@ -49,9 +49,15 @@ from harness import make_optimizer as build_optimizer
 from llama import LlamaConfig, build_model, count_params
 from torch import Tensor, nn
 
-SECTIONS = ("time", "memory", "scaling")
+SECTIONS = ("time", "memory", "scaling", "refresh")
 TIME_METHODS = ("adamw", "grass-all", "grass", "lisa")
 MEMORY_METHODS = ("adamw", "lisa", "grass", "grass-inactive", "grass-stream")
+# The refresh section: the step refresh_all adds before each refresh (every block's gradient measured,
+# only the active blocks updated), and a probing step, each made *every* step so that its cost is
+# measured alone, against an ordinary GRASS step.
+REFRESH_VARIANTS = {"grass-measure-all": {"sampler": "grass", "refresh_all": True, "update_every": 1},
+                    "grass-probing": {"sampler": "grass", "probe_steps": 10**9}}
+REFRESH_METHODS = ("grass", "grass-measure-all", "grass-probing")
 TARGETS = {"grass-all": 1.03, "grass": 0.75}  # step-time ratio vs AdamW, at most
 MEMORY_TARGET = 0.10  # relative error of the estimate, at most
 # glibc malloc settings of the memory subprocesses. "default": glibc's own (large blocks are mmap'ed
@@ -100,6 +106,14 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
          "extra_steps": 3, "adamw_steps": 4, "max_steps": 200, "malloc": ["default", "mmap"]},
         {"width": 128, "layers": 16, "vocab": 256, "batch": 1, "seq": 16, "active_layers": 2, "switch_every": 1,
          "extra_steps": 2, "adamw_steps": 3, "max_steps": 200, "malloc": ["default"]},
+    ),
+    "refresh": (
+        {"sizes": {"small": 256, "large": 512}, "layers": 16, "vocab": 1024, "batch": 2, "seq": 64,
+         "active_layers": 2, "switch_every": 10**6, "warmup": 3, "repeats": 11, "steps_per_slot": 2,
+         "memory": {"width": 512, "layers": 16, "vocab": 1024, "batch": 1, "seq": 32, "steps": 4}},
+        {"sizes": {"small": 32}, "layers": 16, "vocab": 128, "batch": 1, "seq": 16,
+         "active_layers": 2, "switch_every": 10**6, "warmup": 1, "repeats": 2, "steps_per_slot": 1,
+         "memory": {"width": 64, "layers": 16, "vocab": 128, "batch": 1, "seq": 16, "steps": 3}},
     ),
     "scaling": (
         {"base": {"layers": 16, "width": 256, "active_layers": 2}, "layers": [8, 16, 32], "active_layers": [1, 2, 4, 8],
@@ -157,7 +171,7 @@ def make_batches(vocab: int, batch: int, seq: int, n: int = 4) -> list[tuple[Ten
 
 def make_optimizer(method: str, model: nn.Module, *, active_layers: int, switch_every: int) -> torch.optim.Optimizer:
     return build_optimizer(method, model, lr=LR, weight_decay=WEIGHT_DECAY, active_layers=active_layers,
-                           switch_every=switch_every, probe_steps=0, seed=SEED)
+                           switch_every=switch_every, probe_steps=0, seed=SEED, variants=REFRESH_VARIANTS)
 
 
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor]) -> tuple[float, ...]:
@@ -517,6 +531,69 @@ def table_memory(sec: dict[str, Any]) -> str:
     return markdown_table(header, out)
 
 
+# ----------------------------------------------------------------------------- section: refresh
+def refresh_memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: ``steps`` steps of one method; the peak RSS over RSS after building."""
+    torch.set_num_threads(spec["threads"])
+    p = spec["params"]
+    cfg = model_cfg(p["width"], p["layers"], p["vocab"], p["seq"])
+    batches = make_batches(p["vocab"], p["batch"], p["seq"])
+    model = build_model(cfg, "cpu", SEED)
+    gc.collect()
+    rss_after_build = current_rss()
+    opt = make_optimizer(spec["method"], model, active_layers=spec["active_layers"], switch_every=10**6)
+    for i in range(p["steps"]):
+        timed_step(model, opt, batches[i % len(batches)])
+    return {"method": spec["method"], "train_peak_bytes": peak_rss() - rss_after_build}
+
+
+def section_refresh(p: dict[str, Any], pool: WorkerPool, threads: int, timeout: float) -> dict[str, Any]:
+    rows = []
+    workers = pool.get(list(REFRESH_METHODS))
+    for size, width in p["sizes"].items():
+        cfg = model_cfg(width, p["layers"], p["vocab"], p["seq"])
+        log(f"[refresh] {size}: width {width} ...")
+        spec = {"model": cfg.as_dict(), "active_layers": p["active_layers"], "switch_every": p["switch_every"],
+                "batch": p["batch"], "seq": p["seq"]}
+        stats, info = interleaved(workers, spec, p["warmup"], p["repeats"], p["steps_per_slot"], reference="grass")
+        rows.append({"size": size, "model": info, "methods": stats})
+    pool.release()
+    memory = {}
+    for method in ("adamw", *REFRESH_METHODS):  # one fresh process each, RSS following live tensors
+        worker = Worker(__file__, "refresh-memory", args=["--threads", str(threads)],
+                        env={**{k: None for k in MALLOC_ENV}, **MALLOC_MODES["mmap"]})
+        try:
+            memory[method] = worker.call({"method": method, "params": p["memory"], "threads": threads,
+                                          "active_layers": p["active_layers"]}, timeout=timeout)
+        finally:
+            worker.close()
+    return {"config": {**p, "malloc": pool.malloc, "malloc_env": TIMING_MALLOC[pool.malloc]}, "rows": rows,
+            "memory": memory}
+
+
+def table_refresh(sec: dict[str, Any]) -> str:
+    header = ["size (params)", "step", "ms/step [25–75 %]", "vs GRASS step [25–75 %]", "fwd / bwd / step ms",
+              "train peak RSS MiB"]
+    label = {"grass": "GRASS step (γ = 2)", "grass-measure-all": "refresh_all measure step",
+             "grass-probing": "probing step"}
+    out = []
+    for row in sec["rows"]:
+        first = True
+        for m, s in row["methods"].items():
+            ph = s["phases_median_ms"]
+            mem = sec["memory"].get(m, {}).get("train_peak_bytes")
+            out.append([f"{row['size']} ({row['model']['params'] / 1e6:.1f} M)" if first else "", label[m],
+                        f"{s['median_ms']:.0f} [{s['q25_ms']:.0f}–{s['q75_ms']:.0f}]",
+                        f"{s['ratio_median']:.3f} [{s['ratio_q25']:.3f}–{s['ratio_q75']:.3f}]",
+                        f"{ph['forward']:.0f} / {ph['backward']:.0f} / {ph['step']:.0f}",
+                        "—" if mem is None else f"{mem / MIB:.1f}"])
+            first = False
+    adamw = sec["memory"].get("adamw", {}).get("train_peak_bytes")
+    if adamw is not None:
+        out.append(["", "AdamW step (for scale)", "", "", "", f"{adamw / MIB:.1f}"])
+    return markdown_table(header, out)
+
+
 # ----------------------------------------------------------------------------- section: scaling
 def scaling_configs(p: dict[str, Any]) -> list[dict[str, Any]]:
     base = p["base"]
@@ -635,6 +712,17 @@ def print_section(name: str, sec: dict[str, Any]) -> None:
         print("- glibc malloc of the subprocesses: " + "; ".join(modes))
         print("- last column: RSS growth from before building the model (weights included) vs est. w+g+s in RAM\n")
         print(table_memory(sec))
+    elif name == "refresh":
+        m = p["memory"]
+        print("### The cost of a refresh_all step (every block measured, the active ones updated)\n")
+        print(f"- time: the sizes of the time section, {p['layers']} blocks, γ={p['active_layers']}, no redraws; "
+              "each kind of step made every step (refresh_all with update_every=1; probing with probe_steps "
+              "larger than the run), interleaved with ordinary GRASS steps in worker processes; ratio = paired "
+              "median over repeats")
+        print(f"- memory: {_shape(m['width'], p['layers'], m['vocab'])}, batch {m['batch']} x seq {m['seq']}, "
+              f"{m['steps']} steps, one fresh process each, MALLOC_MMAP_THRESHOLD_=64 KiB (RSS follows the live "
+              "tensors); train peak = ru_maxrss − RSS after building the model\n")
+        print(table_refresh(sec))
     else:
         print("### Scaling: AdamW vs GrassAdamW(active_layers=γ)\n")
         print(f"- base: L={p['base']['layers']}, width {p['base']['width']}, γ={p['base']['active_layers']}; "
@@ -686,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     role = args.worker
     if role is not None:  # a harness.Worker process of this script
-        serve(_TimingRun(role.removeprefix("time:")) if role.startswith("time:") else memory_child)
+        handlers = {"memory": memory_child, "refresh-memory": refresh_memory_child}
+        serve(_TimingRun(role.removeprefix("time:")) if role.startswith("time:") else handlers[role])
         return 0
     t_start = time.perf_counter()
     env = {**environment("cpu"), "cpu_model": cpu_model(), "threads": torch.get_num_threads(),
@@ -711,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
                     pool.release()  # idle workers keep no models in RAM meanwhile
                     sec = section_memory(p, args.threads, args.child_timeout, args.malloc or p["malloc"], args.jobs)
                     failed |= any(r["error"] for r in sec["rows"])
+                elif name == "refresh":
+                    sec = section_refresh(p, pool, args.threads, args.child_timeout)
                 else:
                     sec = section_scaling(p, pool)
             except Exception as err:

@@ -28,6 +28,7 @@ TABLE_HEADERS = {
     "time": "| size (params) | method | ms/step [25–75 %] | vs AdamW [25–75 %] |",
     "memory": "| method | steps (blocks trained) | device state MiB: MemoryReport max / est. |",
     "scaling": "| varies | L | width | γ | params M | AdamW ms | GRASS ms | GRASS / AdamW [25–75 %] |",
+    "refresh": "| size (params) | step | ms/step [25–75 %] | vs GRASS step [25–75 %] |",
 }
 ESTIMATE_KEYS = {"weights", "gradients", "optimizer_state", "total"}
 
@@ -48,12 +49,12 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def test_quick_run_exits_cleanly_with_three_tables(quick_run):
+def test_quick_run_exits_cleanly_with_four_tables(quick_run):
     proc, _ = quick_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     lines = [line for line in out.splitlines() if line.startswith("|")]
-    assert sum(line.startswith("|---") for line in lines) == 3, out  # one Markdown table per section
+    assert sum(line.startswith("|---") for line in lines) == 4, out  # one Markdown table per section
     for name, header in TABLE_HEADERS.items():
         assert any(line.startswith(header) for line in lines), (name, out)
     assert "ERROR" not in out
@@ -63,10 +64,13 @@ def test_quick_run_exits_cleanly_with_three_tables(quick_run):
                  "MALLOC_MMAP_THRESHOLD_"):
         assert text in out, text
     # One row per (size, method) in the time table, one per method in the memory table.
-    time_table, memory_table, scaling_table = _tables(out)
+    time_table, memory_table, scaling_table, refresh_table = _tables(out)
     assert [row[1] for row in time_table] == TIME_METHODS * 3
     assert [row[0] for row in memory_table] == MEMORY_METHODS
     assert len(scaling_table) == 8
+    assert [row[1] for row in refresh_table] == ["GRASS step (γ = 2)", "refresh_all measure step", "probing step",
+                                                 "AdamW step (for scale)"]
+    assert all(row[5].replace(".", "").isdigit() for row in refresh_table), "a peak RSS for every kind of step"
 
 
 def _tables(stdout: str) -> list[list[list[str]]]:
@@ -92,7 +96,7 @@ def test_quick_run_json(quick_run):
     env = result["environment"]
     assert env["torch"] == torch.__version__
     assert env["threads"] >= 1 and env["cpu_model"]
-    assert set(result["sections"]) == {"time", "memory", "scaling"}
+    assert set(result["sections"]) == {"time", "memory", "scaling", "refresh"}
 
     # time: every method at every size, with numbers (their values are not asserted: noisy machine)
     sec = result["sections"]["time"]
@@ -147,6 +151,15 @@ def test_quick_run_json(quick_run):
         assert _number(r["methods"]["grass"]["ratio_median"])
         assert set(r["estimate"]) == {"adamw", "grass", "grass-stream"}
         assert r["estimate"]["adamw"] > r["estimate"]["grass"] > r["estimate"]["grass-stream"] > 0
+
+    # refresh: the measure-every-block step and the probing step against an ordinary GRASS step
+    sec = result["sections"]["refresh"]
+    for r in sec["rows"]:
+        assert list(r["methods"]) == ["grass", "grass-measure-all", "grass-probing"]
+        assert r["methods"]["grass"]["ratio_median"] == 1.0
+        assert all(_number(m["ratio_median"]) for m in r["methods"].values())
+    assert set(sec["memory"]) == {"adamw", "grass", "grass-measure-all", "grass-probing"}
+    assert all(m["train_peak_bytes"] > 0 for m in sec["memory"].values())
 
 
 @pytest.fixture
