@@ -23,11 +23,12 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["GRASS", "HISTORY", "HISTORY_STEPS", "grass_entry", "host_copies", "split_parked"]
+__all__ = ["GRASS", "HISTORY", "HISTORY_DROPPED", "HISTORY_STEPS", "grass_entry", "host_copies", "split_parked"]
 
 GRASS = "grass"
 HISTORY = "history"  # for plots only: it changes nothing in the future
 HISTORY_STEPS = "history_steps"  # the per-step records of history="steps" (likewise)
+HISTORY_DROPPED = "history_dropped"  # how many older entries the bounded history let go
 
 
 def grass_entry(state_dict: Any) -> dict[str, Any]:

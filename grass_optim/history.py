@@ -3,10 +3,16 @@
 Nothing here changes the future of a run; it is checkpointed only so that a resumed run's history
 is whole. Entries are taken on steps that already synchronise (refreshes and redraws), or from
 tensor sizes; copy timings stay raw events until the history is read.
+
+Bounded: at most ``limit`` events and ``limit`` per-step records are kept (the most recent), in
+memory and in checkpoints, whatever the length of the run; ``dropped`` counts the older ones. An
+event is ~160 bytes in a checkpoint, a per-step record ~130 (~1.2 KB in memory): at the default
+limit of 1000, at most ~0.3 MB per checkpoint and ~1.4 MB of memory.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from .memory import MemoryReport
@@ -17,11 +23,14 @@ __all__ = ["History"]
 
 
 class History:
-    """``mode``: ``True`` records events, ``"steps"`` events and one record per step, ``False`` nothing."""
+    """``mode``: ``True`` records events, ``"steps"`` events and one record per step, ``False`` nothing;
+    at most ``limit`` of each, the most recent."""
 
-    def __init__(self, mode: bool | str) -> None:
-        self.events: list[dict[str, Any]] | None = [] if mode else None
-        self.steps: list[dict[str, Any]] | None = [] if mode == "steps" else None
+    def __init__(self, mode: bool | str, limit: int = 1000) -> None:
+        self.limit = limit
+        self.events: deque[dict[str, Any]] | None = deque(maxlen=limit) if mode else None
+        self.steps: deque[dict[str, Any]] | None = deque(maxlen=limit) if mode == "steps" else None
+        self.dropped = {"events": 0, "steps": 0}
         self._moved_so_far = (0, 0)
 
     @property
@@ -32,6 +41,7 @@ class History:
         """One entry at ``"start"``, ``"probe_end"``, and every refresh and/or redraw."""
         if self.events is None:
             return
+        self._count_drop("events", self.events)
         self.events.append({"step": schedule.step, "event": event, "active": list(schedule.active_blocks),
                             "importance": schedule.importance.tolist(),
                             "probabilities": schedule.current_probabilities.tolist()})
@@ -40,12 +50,17 @@ class History:
         """One per-step entry: state bytes, bytes copied during the step, and the copies' raw timings."""
         if self.steps is None:
             return
+        self._count_drop("steps", self.steps)
         to_host, to_device = self._moved_so_far
         self._moved_so_far = (report.bytes_to_host, report.bytes_to_device)
         self.steps.append({"step": step, "device_state_bytes": report.device_state_bytes,
                            "host_state_bytes": report.host_state_bytes,
                            "bytes_to_host": report.bytes_to_host - to_host,
                            "bytes_to_device": report.bytes_to_device - to_device, "copies": timings})
+
+    def _count_drop(self, kind: str, entries: deque[dict[str, Any]]) -> None:
+        if len(entries) == entries.maxlen:
+            self.dropped[kind] += 1
 
     def restart_copy_counts(self) -> None:
         """The offloader was replaced (its byte counters start again from 0)."""
@@ -66,7 +81,7 @@ class History:
         config: dict[str, Any] = dict(schedule.config.schedule_settings())
         config["sampler"] = type(schedule.sampler).__name__
         out = {"layer_names": list(layer_names), "num_steps": schedule.step, "config": config,
-               "events": [dict(e) for e in (self.events or [])]}
+               "events": [dict(e) for e in (self.events or [])], "dropped": dict(self.dropped)}
         if self.steps is not None:
             out["steps"] = self.resolved_steps()
         return out
@@ -76,8 +91,14 @@ class History:
         events = [dict(e) for e in self.events] if self.events is not None else None
         return events, (self.resolved_steps() if self.steps is not None else None)
 
-    def load(self, events: Any, steps: Any) -> None:
+    def load(self, events: Any, steps: Any, dropped: Any = None) -> None:
+        """Take a checkpoint's entries (the most recent ``limit`` of each)."""
         if self.events is not None and events is not None:
-            self.events = [dict(e) for e in events]
+            self.events = deque((dict(e) for e in events), maxlen=self.limit)
+            self.dropped["events"] = max(0, len(events) - self.limit)
         if self.steps is not None and steps is not None:
-            self.steps = [dict(e) for e in steps]
+            self.steps = deque((dict(e) for e in steps), maxlen=self.limit)
+            self.dropped["steps"] = max(0, len(steps) - self.limit)
+        if isinstance(dropped, dict):
+            for kind in self.dropped:
+                self.dropped[kind] += int(dropped.get(kind, 0))

@@ -25,22 +25,22 @@ __all__ = ["accumulate_window", "block_dots", "block_grad_rms", "block_partial_s
 
 
 def block_sq_norms(grads: Sequence[Tensor], block_index: Tensor, num_blocks: int) -> Tensor:
-    """Sum of squared gradient norms per block, as a float32 tensor ``[num_blocks]``.
+    """Sum of squared gradient norms per block, as a float64 tensor ``[num_blocks]``.
 
     ``grads[i]`` belongs to block ``block_index[i]`` (a long tensor on the output device). One
-    batched ``_foreach_norm`` (in float32 whatever the gradient dtype), one ``index_add``.
+    batched ``_foreach_norm`` and one ``index_add``, in float64: a finite gradient never overflows.
     """
     return block_partial_sums(grads, block_index, num_blocks, 2)
 
 
 def block_partial_sums(grads: Sequence[Tensor], block_index: Tensor, num_blocks: int, ord: int) -> Tensor:
     """Per block, the sum of ``||g||_2^2`` (``ord=2``) or of ``||g||_1`` (``ord=1``) of its gradients,
-    as a float32 tensor ``[num_blocks]`` (see :func:`block_sq_norms`); sparse gradients are coalesced."""
-    out = torch.zeros(num_blocks, dtype=torch.float32, device=block_index.device)
+    as a float64 tensor ``[num_blocks]`` (see :func:`block_sq_norms`); sparse gradients are coalesced."""
+    out = torch.zeros(num_blocks, dtype=torch.float64, device=block_index.device)
     if len(grads) == 0:
         return out
     dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
-    norms = torch.stack([n.to(out.device, torch.float32, non_blocking=True) for n in foreach_norms(dense, ord)])
+    norms = torch.stack([n.to(out.device, torch.float64, non_blocking=True) for n in foreach_norms(dense, ord)])
     return out.index_add_(0, block_index, norms.square() if ord == 2 else norms)
 
 
@@ -55,28 +55,18 @@ def block_dots(grads: Sequence[Tensor], params: Sequence[Tensor], block_index: T
     return out.index_add_(0, block_index, torch.stack([d.to(out.device, torch.float64) for d in dots]))
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
 def _wide(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+    """The dtype products are taken in: float32 for half precision, else the tensor's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def foreach_norms(tensors: Sequence[Tensor], ord: int = 2) -> list[Tensor]:
-    """``ord``-norm of each tensor, batched; half-precision inputs are reduced in float32.
-
-    ``_foreach_norm(dtype=float32)`` refuses wider inputs (float64), so those go without ``dtype``.
-    """
-    low = [i for i, t in enumerate(tensors) if t.dtype in _LOW_PRECISION]
-    wide = [i for i, t in enumerate(tensors) if t.dtype not in _LOW_PRECISION]
-    out: list[Tensor] = [torch.empty(0)] * len(tensors)
-    if low:
-        for i, n in zip(low, torch._foreach_norm([tensors[i] for i in low], ord, dtype=torch.float32), strict=True):
-            out[i] = n
-    if wide:
-        for i, n in zip(wide, torch._foreach_norm([tensors[i] for i in wide], ord), strict=True):
-            out[i] = n
-    return out
+    """``ord``-norm of each tensor, batched, accumulated in float64 (a finite gradient of 1e20 has a
+    finite norm; in float32 its squares overflow inside the reduction). A norm reads each element
+    once: float64 arithmetic does not make it slower where memory bandwidth is the limit."""
+    if not tensors:
+        return []
+    return list(torch._foreach_norm(list(tensors), ord, dtype=torch.float64))
 
 
 def block_grad_rms(sq_norms: Tensor, numels: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ class LayerPartition:
     block_params: tuple[tuple[nn.Parameter, ...], ...]
     outside_params: tuple[nn.Parameter, ...]
     _owner: dict[int, int | None] = field(repr=False, compare=False)
+    root: nn.Module | None = field(default=None, repr=False, compare=False)  # the (unwrapped) model
 
     @property
     def num_layers(self) -> int:
@@ -73,6 +74,21 @@ class LayerPartition:
                 raise RuntimeError(f"GrassAdamW: the parameters of block {name!r} were replaced after the optimizer "
                                    "was built (e.g. by fully_shard), so it would train nothing. Build GrassAdamW "
                                    "after fully_shard and any other wrapper that replaces parameters")
+        self.check_no_new_parameters()
+
+    def check_no_new_parameters(self) -> None:
+        """Raise ``RuntimeError`` if the model gained parameters since discovery (PEFT's
+        ``get_peft_model`` adds adapters to the model in place and freezes the rest: an optimizer built
+        before would train the frozen base weights and never the adapters)."""
+        if self.root is None:
+            return
+        known = len(self._owner)
+        now = sum(1 for _ in self.root.parameters())
+        if now != known:
+            raise RuntimeError(
+                f"GrassAdamW: the model has {now} parameter tensors, {known} when GrassAdamW was built: something "
+                "(e.g. get_peft_model, or another wrapper that adds adapters) changed it. Build GrassAdamW after "
+                "wrapping the model, so that it trains what the wrapper left trainable")
 
 
 def _param_children(container: nn.Module) -> list[nn.Module]:
@@ -96,9 +112,33 @@ def _candidates(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return outer
 
 
+def _shared_slots(container: nn.Module) -> tuple[nn.Module, int] | None:
+    """The module that fills two or more slots of a list (ALBERT's one layer applied N times), if any."""
+    slots = [m for m in container._modules.values() if m is not None and any(True for _ in m.parameters())]
+    for m in slots:
+        count = sum(1 for other in slots if other is m)
+        if count > 1:
+            return m, count
+    return None
+
+
+def _refuse_shared(name: str, container: nn.Module) -> None:
+    shared = _shared_slots(container)
+    if shared is not None:
+        module, count = shared
+        raise ValueError(
+            f"The blocks of {name or type(container).__name__!r} share their parameters: the same "
+            f"{type(module).__name__} fills {count} of its slots (as in ALBERT), so there are no separate blocks "
+            "to freeze and train by turns. Layer-wise sampling needs blocks with parameters of their own; pass "
+            "layers= to sample other modules")
+
+
 def _discover(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
     candidates = _candidates(model)
     if not candidates:
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.ModuleList, nn.Sequential)):
+                _refuse_shared(name, module)
         raise ValueError(
             f"Could not find the repeated blocks of {type(model).__name__}: no nn.ModuleList or "
             f"nn.Sequential with two or more same-typed children holding parameters; {_HOW_TO_PASS}")
@@ -122,6 +162,7 @@ def _from_argument(model: nn.Module, layers: str | Sequence[nn.Module]) -> tuple
         except AttributeError as err:
             raise ValueError(f"Invalid layers: {layers!r} is not a submodule of "
                              f"{type(model).__name__} ({err})") from None
+        _refuse_shared(layers, container)
         children = _param_children(container)
         if len(children) < 1:
             raise ValueError(f"Invalid layers: {layers!r} has no child module holding parameters; "
@@ -170,4 +211,4 @@ def find_layers(model: nn.Module, layers: str | Sequence[nn.Module] | None = Non
     block_params = tuple(tuple(p for pid, p in params.items() if owner_of[pid] == i) for i in range(len(blocks)))
     outside = tuple(p for pid, p in params.items() if owner_of[pid] is None)
     return LayerPartition(names=tuple(names), blocks=tuple(blocks), block_params=block_params,
-                          outside_params=outside, _owner=owner_of)
+                          outside_params=outside, _owner=owner_of, root=model)

@@ -73,7 +73,7 @@ class BlockMeasurer:
             schedule.drop_hook_sums()  # only an update gives a gain: see after_update()
             return
         ord = _ORD[self.signal]
-        partial = torch.zeros(schedule.num_blocks, dtype=torch.float32, device=schedule.device)
+        partial = torch.zeros(schedule.num_blocks, dtype=torch.float64, device=schedule.device)
         hits = torch.zeros(schedule.num_blocks, dtype=torch.int64, device=schedule.device)
         if self._hooked:
             # The hooks already reduced these blocks' gradients during backward (seen before unscaling).
@@ -142,7 +142,7 @@ class BlockMeasurer:
         if self.signal == "rms":
             if self._numel is None or self._numel.device != partial.device:
                 self._numel = torch.tensor([sum(p.numel() for p in ps) for ps in self.blocks],
-                                           dtype=torch.float32, device=partial.device)
+                                           dtype=torch.float64, device=partial.device)
             return block_grad_rms(partial, self._numel)
         return partial  # l1: the block's ||g||_1
 
@@ -199,7 +199,7 @@ def _hook(sum_view: Tensor, hit_view: Tensor, ord: int) -> Callable[[Tensor], No
         if grad is None:
             return
         g = grad.coalesce().values() if grad.is_sparse else grad
-        norm = foreach_norms([D.local(g)], ord)[0].to(sum_view.device, torch.float32)
+        norm = foreach_norms([D.local(g)], ord)[0].to(sum_view.device, torch.float64)
         sum_view.add_(norm.square() if ord == 2 else norm)
         hit_view.add_(1)
         param.grad = None

@@ -14,6 +14,7 @@ hooks) and calls, in order, the modules that own each concern; ``docs/architectu
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -131,6 +132,9 @@ class GrassAdamW(Optimizer):
             the bytes copied each way and the time the copies took (offload on; timed with events
             on an accelerator, read only when the history is read); ``False`` records nothing
             (default: True).
+        history_limit (int, optional): the most events, and the most per-step records, the history
+            keeps (the most recent; older ones are counted in ``history["dropped"]``), so that memory
+            and checkpoints do not grow with the length of the run (default: 1000).
         **optimizer_kwargs: further arguments for the built optimizer (e.g. ``amsgrad=True``).
     """
 
@@ -151,7 +155,7 @@ class GrassAdamW(Optimizer):
                  offload_overlap: bool = C.DEFAULT_OFFLOAD_OVERLAP,
                  layers: str | Sequence[nn.Module] | None = None, seed: int | None = None,
                  distributed_checks: bool = True, grad_scaler: Any = None, history: bool | str = True,
-                 **optimizer_kwargs: Any) -> None:
+                 history_limit: int = 1000, **optimizer_kwargs: Any) -> None:
         # 1. Validate everything before touching the model or a wrapped optimizer.
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -172,9 +176,10 @@ class GrassAdamW(Optimizer):
         for name in unused_settings(sampler, resolved, {k: v for k, v in given.items() if v != defaults[k]}):
             logger.warning("GrassAdamW: %s=%r has no effect with sampler=%r", name, given[name], sampler)
         if seed is not None:
-            C.check_int("seed", seed, 0)
+            C.check_int("seed", seed, 0, 2**63 - 1)
         C.check_bool("distributed_checks", distributed_checks)
         C.check_history(history)
+        C.check_int("history_limit", history_limit, 1)
         check_grad_scaler(grad_scaler)
         self.partition = find_layers(model, layers)
         trainable = [p for ps in self.partition.block_params for p in ps if is_trainable(p)]
@@ -207,7 +212,7 @@ class GrassAdamW(Optimizer):
                                        sharded=sharded, grad_scaler=grad_scaler,
                                        hooks=self.config.probe_low_memory and not D.is_distributed())
         self._policy = OffloadPolicy(self.config.offload)
-        self._history = History(history)
+        self._history = History(history, history_limit)
         self._offloader = self._new_offloader() if self.config.offload else None
         # Multi-process: DDP registers the parameters that require grad when it is built, and may be
         # built after this optimizer. Freezing waits until the first step() so that it registers
@@ -216,12 +221,15 @@ class GrassAdamW(Optimizer):
         self._defer_freeze = D.is_distributed()
         self._pending_load: tuple[Any, ...] | None = None
         self._synced: tuple[int, ...] | None = None  # the gradient blocks the model was last synced to
+        # Weak: a hook holding the optimizer would make a reference cycle, and the model would be given
+        # back (freezing.py) only when the garbage collector finds it, not when the optimizer is dropped.
         self._own_hooks = {
-            "sd_pre": self.register_state_dict_pre_hook(self._state_dict_pre_hook),
-            "sd_post": self.register_state_dict_post_hook(self._state_dict_post_hook),
-            "load_pre": self.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook),
-            "load_post": self.register_load_state_dict_post_hook(self._load_state_dict_post_hook),
+            "sd_pre": self.register_state_dict_pre_hook(_weak(self._state_dict_pre_hook)),
+            "sd_post": self.register_state_dict_post_hook(_weak(self._state_dict_post_hook)),
+            "load_pre": self.register_load_state_dict_pre_hook(_weak(self._load_state_dict_pre_hook)),
+            "load_post": self.register_load_state_dict_post_hook(_weak(self._load_state_dict_post_hook)),
         }
+        self._names = {id(p): n for n, p in self.partition.root.named_parameters()} if self.partition.root else {}
         self._history.record_event("start", self.schedule)
         self._sync_model()
         # A wrapped optimizer may arrive with state: park what should not be on the device.
@@ -341,7 +349,11 @@ class GrassAdamW(Optimizer):
         s = self.schedule
         if s.step == 0:
             self.partition.check_unchanged()
+        self.partition.check_no_new_parameters()
         self._follow_device()
+        if self._synced is None and not self._defer_freeze:
+            self._sync_model()  # after restore_model(): GRASS takes the model back
+        self._check_trainability()
         self._measurer.measure(s)
         if self._defer_freeze or s.gradient_blocks != s.active_blocks:
             # Gradients of blocks that are not updated (measured on a refresh_all step without hooks,
@@ -375,6 +387,41 @@ class GrassAdamW(Optimizer):
     def _step_parts(self) -> Iterator[StepPart]:
         with step_hooks_once(self.base_optimizer):
             yield lambda block: step_groups_of(self.base_optimizer, block)
+
+    def _check_trainability(self) -> None:
+        """Someone else changed requires_grad since GRASS last set it (freezing.py has the rule)."""
+        blocks_before = [len(ps) for ps in self._freezer.blocks] + [len(self._freezer.outside)]
+        unfrozen = self._freezer.check(self._names)
+        if unfrozen:  # their gradients were computed in this backward: they never reach the update
+            self._freezer.drop_grads(self.schedule.gradient_blocks)
+        if blocks_before != [len(ps) for ps in self._freezer.blocks] + [len(self._freezer.outside)]:
+            self.schedule.set_sampleable([n > 0 for n in self._freezer.numel])  # a freeze was adopted
+            self._measurer.moved(self.schedule)
+
+    def restore_model(self) -> None:
+        """Give the model back as the user left it: ``requires_grad=True`` again on every parameter GRASS
+        froze (the user's own freezes stay), no GRASS hooks. A later ``step()`` takes it back.
+
+        Also done on leaving ``with GrassAdamW(...) as opt:``, and when the optimizer is garbage-collected.
+        """
+        self._freezer.restore()
+        self._measurer.remove_hooks()
+        self._synced = None
+
+    def __enter__(self) -> GrassAdamW:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore_model()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GrassAdamW:
+        raise TypeError("GrassAdamW cannot be copied: it holds the model's parameters, hooks on them and "
+                        "device buffers. Copy its state instead: copy.deepcopy(opt.state_dict()), then "
+                        "GrassAdamW(model, ...).load_state_dict(...)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("GrassAdamW cannot be pickled: it holds the model's parameters, hooks on them and "
+                        "device buffers. Save its state instead: torch.save(opt.state_dict(), path)")
 
     def _sync_model(self) -> None:
         """Make the model's requires_grad (and the gradient hooks) match the blocks that get gradients
@@ -442,7 +489,8 @@ class GrassAdamW(Optimizer):
         if self._offloader is not None:
             sd["state"] = ckpt.host_copies(sd["state"])
         events, steps = self._history.state()
-        sd[ckpt.GRASS] = {**self.schedule.state_dict(), ckpt.HISTORY: events, ckpt.HISTORY_STEPS: steps}
+        sd[ckpt.GRASS] = {**self.schedule.state_dict(), ckpt.HISTORY: events, ckpt.HISTORY_STEPS: steps,
+                          ckpt.HISTORY_DROPPED: dict(self._history.dropped)}
         return sd
 
     def _load_state_dict_pre_hook(self, _opt: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -460,18 +508,22 @@ class GrassAdamW(Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             base_sd["state"], parked = ckpt.split_parked(state_dict, params, self._freezer.blocks,
                                                          self._resident(values["step"], values["active"]))
-        self._pending_load = (values, entry.get(ckpt.HISTORY), entry.get(ckpt.HISTORY_STEPS), parked)
+        self._pending_load = (values, entry.get(ckpt.HISTORY), entry.get(ckpt.HISTORY_STEPS),
+                              entry.get(ckpt.HISTORY_DROPPED), parked)
         return base_sd
 
     def _load_state_dict_post_hook(self, _opt: Optimizer) -> None:
         assert self._pending_load is not None
-        (values, events, steps, parked), self._pending_load = self._pending_load, None
+        (values, events, steps, dropped, parked), self._pending_load = self._pending_load, None
         # Optimizer.load_state_dict gave this optimizer new state and groups: hand them to the base
         # through its own __setstate__ (which fills in its defaults for older checkpoints), share again.
         self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
         self.state, self.param_groups = self.base_optimizer.state, self.base_optimizer.param_groups
         self.schedule.apply_checked(values)
-        self._history.load(events, steps)
+        self._history.load(events, steps, dropped)
+        event = self.schedule.reconcile()  # settings changed since the checkpoint: never an empty active set
+        if event is not None:
+            self._history.record_event(event, self.schedule)
         if self._offloader is not None:
             by_id = {id(p): p for g in self.param_groups for p in g["params"]}
             self._offloader.load_parked((by_id[pid], self.state[by_id[pid]], k, v)
@@ -497,3 +549,13 @@ class GrassAdamW(Optimizer):
             self._optimizer_load_state_dict_pre_hooks.move_to_end(own["load_pre"].id)
             self._optimizer_load_state_dict_post_hooks.move_to_end(own["load_post"].id, last=False)
         return handle
+
+
+def _weak(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (bound) through a weak reference to its object: a hook that does not keep it alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args)
+    return call

@@ -43,7 +43,7 @@ VECTORS: dict[str, tuple[torch.dtype, bool]] = {
     "probabilities": (torch.float64, False),  # the distribution of the next draws
     "window_sum": (torch.float32, True),  # sum of the per-step signal since the last refresh
     "window_count": (torch.int64, True),  # steps measured since the last refresh
-    "hook_sum": (torch.float32, True),  # partial sums the gradient hooks collected this step
+    "hook_sum": (torch.float64, True),  # partial sums the gradient hooks collected this step (squares: wide)
     "hook_hits": (torch.int64, True),  # gradients the hooks saw this step
 }
 _RENAMED_IN_2 = {"probe_sq": "hook_sum", "probe_hits": "hook_hits"}
@@ -178,23 +178,69 @@ class Schedule:
         window, then the first draw); a refresh when ``n % update_every == 0``, then a redraw when
         ``n % switch_every == 0``, so a redraw on the same step uses the newest scores.
         """
-        self.step += 1
         c = self.config
-        n = self.step - c.probe_steps
-        if n < 0:
+        n = self.step + 1 - c.probe_steps
+        probe_end = n == 0 and c.probe_steps > 0  # every block measured while probing gets its probing mean
+        refreshed = probe_end or (n > 0 and n % c.update_every == 0)
+        redrawn = probe_end or (n > 0 and n % c.switch_every == 0)
+        if not (refreshed or redrawn):
+            self.step += 1
             return None
-        if n == 0 and c.probe_steps > 0:
-            self._refresh()  # every block measured while probing takes its probing mean as its score
-            self.active = self._draw()
+        # A transition calls the sampler, which may raise: then nothing of it happened (the step is not
+        # counted either, so the next step tries again), instead of, say, probing over with no active set.
+        before = self._snapshot()
+        self.step += 1
+        try:
+            if refreshed:
+                self._refresh()
+            if redrawn:
+                self.active = self._draw()
+        except BaseException:
+            self.apply_checked(before)
+            raise
+        if probe_end:
             return PROBE_END
-        refreshed, redrawn = n % c.update_every == 0, n % c.switch_every == 0
-        if refreshed:
-            self._refresh()
-        if redrawn:
-            self.active = self._draw()
         if refreshed and redrawn:
             return REFRESH_REDRAW
-        return REFRESH if refreshed else REDRAW if redrawn else None
+        return REFRESH if refreshed else REDRAW
+
+    def reconcile(self) -> str | None:
+        """Make a restored state fit this schedule's settings, which may differ from the checkpoint's:
+        past the end of probing with no active set (saved while probing, resumed with fewer
+        ``probe_steps``), probing ends now; an active set of another size (another ``active_layers``),
+        it is redrawn now. Returns the event, or None when nothing was needed."""
+        if self.is_probing or (len(self.active) == self.config.active_layers
+                               and all(bool(self.sampleable[i]) for i in self.active)):
+            return None
+        before = self._snapshot()
+        try:
+            if not self.active:
+                self._refresh()
+                self.active = self._draw()
+                return PROBE_END
+            self.active = self._draw()
+            return REDRAW
+        except BaseException:
+            self.apply_checked(before)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything :meth:`apply_checked` sets, as copies: to undo a transition that raised."""
+        return {STEP: self.step, SEED: self.seed, ACTIVE: self.active, GENERATOR: self.generator.get_state(),
+                SAMPLER: self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+                **{name: getattr(self, name).clone() for name in VECTORS}}
+
+    def set_sampleable(self, sampleable: Sequence[bool]) -> None:
+        """Blocks that lost every trainable parameter (a freeze was adopted) are never drawn again;
+        the active set keeps them until the next redraw."""
+        mask = torch.tensor(list(sampleable), dtype=torch.bool)
+        lost = self.sampleable & ~mask
+        if bool(lost.any()):
+            self.sampleable = mask
+            self.importance = torch.where(lost, 0.0, self.importance)
+            self.probabilities = torch.where(lost, 0.0, self.probabilities)
+            if self.probabilities.sum() > 0:
+                self.probabilities = self.probabilities / self.probabilities.sum()
 
     def to(self, device: torch.device | str) -> None:
         """Move the per-step accumulators (e.g. when the model moved after construction)."""
@@ -243,8 +289,15 @@ class Schedule:
     def _draw(self) -> tuple[int, ...]:
         sampleable = [int(i) for i in self.sampleable.nonzero().flatten().tolist()]
         k = self.config.active_layers
+        if k > len(sampleable):
+            raise RuntimeError(f"GrassAdamW: only {len(sampleable)} blocks have trainable parameters left (the others "
+                               f"were frozen after it was built), fewer than active_layers={k}")
         drawn = self.sampler.draw(self.probabilities[sampleable], k, self.generator)
-        picked = [int(i) for i in torch.as_tensor(drawn).flatten().tolist()]
+        indices = torch.as_tensor(drawn) if drawn is not None else None
+        if indices is None or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise RuntimeError(f"sampler.draw returned {drawn!r} (expected {k} distinct integer indices in "
+                               f"[0, {len(sampleable)}))")
+        picked = [int(i) for i in indices.flatten().tolist()]
         if len(picked) != k or len(set(picked)) != k or not all(0 <= i < len(sampleable) for i in picked):
             raise RuntimeError(f"sampler.draw returned {picked} (expected {k} distinct indices in "
                                f"[0, {len(sampleable)}))")
@@ -283,18 +336,40 @@ class Schedule:
             raise ValueError(
                 f"Invalid state_dict: saved for a model with {state[NUM_LAYERS]} blocks of sizes "
                 f"{list(state[LAYER_NUMEL])}, but this optimizer has {self.num_blocks} blocks of sizes {self.numel}")
-        active = [int(i) for i in state[ACTIVE]]
+        for key in (STEP, SEED):
+            if not _is_int(state[key]) or state[key] < 0:
+                raise ValueError(f"Invalid state_dict: 'grass' entry {key!r} is {state[key]!r} (expected an int >= 0)")
+        raw_active = state[ACTIVE]
+        if not isinstance(raw_active, (list, tuple)) or not all(_is_int(i) for i in raw_active):
+            raise ValueError(f"Invalid state_dict: 'grass' entry 'active' is {raw_active!r} (expected a list of ints)")
+        active = [int(i) for i in raw_active]
         if any(not (0 <= i < self.num_blocks and bool(self.sampleable[i])) for i in active):
             raise ValueError(f"Invalid state_dict: active blocks {active} are not trainable blocks of this model")
-        out: dict[str, Any] = {STEP: int(state[STEP]), SEED: int(state[SEED]), ACTIVE: tuple(active),
-                               GENERATOR: state[GENERATOR], SAMPLER: state.get(SAMPLER)}
+        if len(set(active)) != len(active):
+            raise ValueError(f"Invalid state_dict: active blocks {active} list a block twice")
+        saved = state.get(CONFIG) or {}
+        saved_k, saved_probe = saved.get("active_layers"), saved.get("probe_steps")
+        if _is_int(saved_k) and _is_int(saved_probe) and state[STEP] >= saved_probe and len(active) != saved_k:
+            raise ValueError(f"Invalid state_dict: {len(active)} active blocks {active}, but it was saved after "
+                             f"probing with active_layers={saved_k}")
+        out: dict[str, Any] = {STEP: int(state[STEP]), SEED: int(state[SEED]), ACTIVE: tuple(sorted(active)),
+                               SAMPLER: state.get(SAMPLER)}
         for name, (dtype, on_device) in VECTORS.items():
             value = state[name]
             if not isinstance(value, Tensor) or value.shape != (self.num_blocks,):
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"Invalid state_dict: 'grass' entry {name!r} is {got} "
                                  f"(expected a tensor of shape ({self.num_blocks},))")
-            out[name] = value.to(self.device if on_device else "cpu", dtype, copy=True)
+            converted = value.to(self.device if on_device else "cpu", dtype, copy=True)
+            if not _valid_vector(name, converted):
+                raise ValueError(f"Invalid state_dict: 'grass' entry {name!r} is {value.tolist()} ({_RULES[name]})")
+            out[name] = converted
+        generator = state[GENERATOR]
+        if (not isinstance(generator, Tensor) or generator.dtype != torch.uint8
+                or generator.numel() != self.generator.get_state().numel()):
+            raise ValueError("Invalid state_dict: 'grass' entry 'generator' is not the state of a CPU torch.Generator "
+                             "(a uint8 tensor from Generator.get_state())")
+        out[GENERATOR] = generator
         return out
 
     def changed_settings(self, state: dict[str, Any]) -> list[str]:
@@ -314,3 +389,23 @@ class Schedule:
         self.generator.set_state(values[GENERATOR].cpu())
         if values[SAMPLER] is not None and hasattr(self.sampler, "load_state_dict"):
             self.sampler.load_state_dict(values[SAMPLER])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_RULES = {"importance": "expected finite scores, or NaN for blocks not scored yet",
+          "probabilities": "expected finite non-negative numbers",
+          "window_sum": "expected finite numbers", "hook_sum": "expected finite non-negative numbers",
+          "window_count": "expected counts >= 0", "hook_hits": "expected counts >= 0"}
+
+
+def _valid_vector(name: str, t: Tensor) -> bool:
+    if name == "importance":
+        return not bool(torch.isinf(t).any())
+    if name in ("window_count", "hook_hits"):
+        return bool((t >= 0).all())
+    if not bool(torch.isfinite(t).all()):
+        return False
+    return name == "window_sum" or bool((t >= 0).all())

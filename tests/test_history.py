@@ -3,9 +3,11 @@ checkpoint and changes nothing in the run."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
+import torch
 
 from grass_optim import GrassAdamW
 from tests.helpers import (
@@ -91,3 +93,31 @@ def test_history_steps_is_plain_data_and_survives_a_checkpoint():
 def test_history_rejects_other_values(value, error):
     with pytest.raises(error, match=r"Invalid history: .* \(expected True, False or 'steps'\)"):
         GrassAdamW(scenario_model(), history=value, **SCENARIO)
+
+
+def test_history_is_bounded_in_memory_and_in_checkpoints():
+    """Issue 11.8: at most history_limit events and per-step records, the most recent; older ones
+    counted; the checkpoint does not grow with the run."""
+    model = scenario_model()
+    opt = GrassAdamW(model, history="steps", history_limit=5, **{**SCENARIO, "switch_every": 1})
+    data = batches(2)
+    sizes = []
+    for _ in range(30):
+        train_scenario(model, opt, data, accumulate=1)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict()["grass"], buf)
+        sizes.append(len(buf.getvalue()))
+    h = opt.history
+    assert len(h["events"]) == 5 and len(h["steps"]) == 5
+    assert h["events"][-1]["step"] == opt.num_steps and h["steps"][-1]["step"] == opt.num_steps
+    assert h["dropped"]["events"] > 0 and h["dropped"]["steps"] == opt.num_steps - 5
+    assert sizes[-1] == sizes[10], "the checkpoint stops growing once the history is full"
+    again = GrassAdamW(scenario_model(), history="steps", history_limit=3, **{**SCENARIO, "switch_every": 1})
+    again.load_state_dict(round_trip(opt.state_dict()))
+    assert [e["step"] for e in again.history["events"]] == [e["step"] for e in h["events"]][-3:]
+    assert again.history["dropped"]["events"] == h["dropped"]["events"] + 2
+
+
+def test_history_limit_is_checked():
+    with pytest.raises(ValueError, match=r"Invalid history_limit: 0 \(expected an int >= 1\)"):
+        GrassAdamW(scenario_model(), history_limit=0)

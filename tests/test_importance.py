@@ -37,8 +37,8 @@ def test_block_sq_norms_matches_naive(seed, num_blocks, num_grads):
         grads.append((torch.randn(shape, generator=g) * scale).to(dtypes[i % 3]))
     index = torch.randint(0, num_blocks, (num_grads,), generator=g)
     out = block_sq_norms(grads, index, num_blocks)
-    assert out.dtype == torch.float32 and out.shape == (num_blocks,)
-    # float32 accumulation of (exactly representable) low-precision values: relative error ~1e-6.
+    assert out.dtype == torch.float64 and out.shape == (num_blocks,)
+    # float32 norms, squared and summed in float64: relative error ~1e-6.
     torch.testing.assert_close(out.to(F64), _naive_sq_norms(grads, index, num_blocks), rtol=1e-5, atol=1e-30)
 
 
@@ -57,7 +57,13 @@ def test_block_sq_norms_hand_computed_mixed_dtypes():
 
 def test_block_sq_norms_empty_list():
     out = block_sq_norms([], torch.zeros(0, dtype=torch.long), 4)
-    assert out.dtype == torch.float32 and torch.equal(out, torch.zeros(4))
+    assert out.dtype == torch.float64 and torch.equal(out, torch.zeros(4, dtype=torch.float64))
+
+
+def test_block_sq_norms_of_a_huge_finite_gradient_do_not_overflow():
+    """||g||^2 of a gradient of 1e20 overflows float32 (3.4e38): squares are taken in float64."""
+    out = block_sq_norms([torch.full((4,), 1e20)], torch.tensor([0]), 1)
+    assert torch.isfinite(out).all() and math.isclose(float(out[0]), 4e40, rel_tol=1e-6)
 
 
 def test_block_sq_norms_sparse_gradient():
@@ -103,7 +109,7 @@ def test_block_grad_rms_end_to_end_from_gradients():
     index = torch.tensor([0, 1, 0])
     numels = torch.tensor([6, 6])
     rms = block_grad_rms(block_sq_norms(grads, index, 2), numels)
-    torch.testing.assert_close(rms, torch.tensor([math.sqrt((16 + 50) / 6), 1.0]))
+    torch.testing.assert_close(rms, torch.tensor([math.sqrt((16 + 50) / 6), 1.0], dtype=F64))
 
 
 # ---------------------------------------------------------------------------------- accumulate_window

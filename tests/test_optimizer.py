@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from grass_optim import GrassAdamW
+from grass_optim import GrassAdamW, GrassSampler
 from tests.helpers import batches, loss_fn, make_net, round_trip, train
 
 L = 4
@@ -227,3 +227,85 @@ def test_users_load_pre_hook_may_change_the_checkpoint_before_grass_checks_it():
     sd["grass_v0"] = sd.pop("grass")
     fresh.load_state_dict(sd)
     assert fresh.num_steps == 2 and seen == [2], "GRASS's post-hook runs first, even before a prepended one"
+
+
+def test_copy_and_pickle_are_refused_clearly():
+    """Issue 11.7: a copy would hold other parameters than the model's and crash at step()."""
+    import copy
+    import pickle
+
+    opt = GrassAdamW(make_net(), probe_steps=0)
+    with pytest.raises(TypeError, match=r"cannot be copied.*copy.deepcopy\(opt.state_dict\(\)\)"):
+        copy.deepcopy(opt)
+    with pytest.raises(TypeError, match=r"cannot be pickled.*torch.save\(opt.state_dict\(\), path\)"):
+        pickle.dumps(opt)
+    copy.deepcopy(opt.state_dict())  # what to do instead works
+
+
+@pytest.mark.parametrize(("seed", "exc"), [(2**64, ValueError), (2**63, ValueError), (-1, ValueError)])
+def test_seed_out_of_range(seed, exc):
+    with pytest.raises(exc, match=rf"Invalid seed: {seed} \(expected an int in \[0, {2**63 - 1}\]\)"):
+        GrassAdamW(make_net(), seed=seed)
+    GrassAdamW(make_net(), seed=2**63 - 1)
+
+
+class _BadDraw(GrassSampler):
+    def __init__(self, result, fail_once=False):
+        super().__init__()
+        self.result, self.fail_once = result, fail_once
+
+    def draw(self, probabilities, k, generator):
+        if self.fail_once:
+            self.fail_once = False
+            raise RuntimeError("sampler failed once")
+        return self.result
+
+
+@pytest.mark.parametrize(("result", "message"), [
+    (None, r"sampler.draw returned None \(expected 2 distinct integer indices in \[0, 4\)\)"),
+    (torch.tensor([0.7, 2.2]), r"sampler.draw returned tensor\(\[0.7000, 2.2000\]\) \(expected 2 distinct integer"),
+])
+def test_a_sampler_returning_no_indices_is_refused(result, message):
+    with pytest.raises(RuntimeError, match=message):
+        GrassAdamW(make_net(), sampler=_BadDraw(result), probe_steps=0)
+
+
+def test_a_sampler_that_raises_at_the_end_of_probing_leaves_probing_intact():
+    """Issue 11.9: the transition is undone (no empty active set, hooks still in place); the next
+    step tries again and succeeds."""
+    model = make_net()
+    sampler = _BadDraw(torch.tensor([0, 2]), fail_once=True)
+    opt = GrassAdamW(model, sampler=sampler, probe_steps=2, seed=0)
+    train(model, opt, batches(1))
+    x, y = batches(1, seed=5)[0]
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    assert all(p.grad is None for p in model.layers.parameters()), "the probing hooks freed the gradients"
+    with pytest.raises(RuntimeError, match="sampler failed once"):
+        opt.step()
+    assert opt.is_probing and opt.num_steps == 1 and opt.active_layer_indices == (0, 1, 2, 3)
+    loss_fn(model, x, y).backward()
+    assert all(p.grad is None for p in model.layers.parameters()), "still probing with the hooks"
+    opt.step()
+    assert not opt.is_probing and opt.active_layer_indices == (0, 2)
+
+
+def test_shared_blocks_are_named_as_such():
+    """Issue 11.9: ALBERT-style models (one layer in every slot)."""
+    model = make_net()
+    model.layers = nn.ModuleList([model.layers[0]] * 4)
+    for kwargs in ({}, {"layers": "layers"}):
+        with pytest.raises(ValueError, match=r"The blocks of 'layers' share their parameters: the same Block fills "
+                                             r"4 of its slots \(as in ALBERT\)"):
+            GrassAdamW(model, **kwargs)
+
+
+def test_a_huge_finite_gradient_is_scored_not_dropped():
+    """Issue 11.9: x1e20 gradients overflowed the squared norm in float32; the block counted as unscored."""
+    model = make_net()
+    opt = GrassAdamW(model, probe_steps=2, active_layers=1, seed=0)
+    for x, y in batches(2):
+        opt.zero_grad()
+        (loss_fn(model, x, y) * 1e20).backward()
+        opt.step()
+    assert torch.isfinite(opt.importance).all() and float(opt.importance.min()) > 1e10

@@ -108,3 +108,76 @@ def test_resume_across_offload_modes_is_bit_identical(first, second):
     assert [a for a, _ in log] == [a for a, _ in ref_log]
     assert_same_params(ref_model, model2)
     assert_same_state(ref_opt, ref_model, opt2, model2)
+
+
+# ----------------------------------------------------------------------------- changed settings, bad input
+def _saved(steps, **kwargs):
+    model = make_net()
+    opt = GrassAdamW(model, seed=0, **kwargs)
+    train(model, opt, batches(steps))
+    return model, round_trip(opt.state_dict())
+
+
+@pytest.mark.parametrize(("saved_with", "resumed_with", "expect"), [
+    ({"probe_steps": 10}, {"probe_steps": 2}, "probe_end"),  # issue 11.5: saved while probing, fewer probe_steps
+    ({"probe_steps": 2, "active_layers": 1}, {"probe_steps": 2, "active_layers": 3}, "redraw"),
+    ({"probe_steps": 2, "active_layers": 3}, {"probe_steps": 2, "active_layers": 1}, "redraw"),
+    ({"probe_steps": 2, "switch_every": 3}, {"probe_steps": 2, "switch_every": 7}, None),
+    ({"probe_steps": 2, "offload": "stream"}, {"probe_steps": 2, "offload": "inactive"}, None),
+], ids=["fewer-probe-steps", "more-active", "fewer-active", "other-switch-every", "other-offload"])
+def test_resume_with_changed_settings_continues_sensibly(saved_with, resumed_with, expect):
+    model, sd = _saved(4, **saved_with)
+    fresh = make_net()
+    fresh.load_state_dict(model.state_dict())
+    opt = GrassAdamW(fresh, seed=1, **resumed_with)
+    opt.load_state_dict(sd)
+    k = resumed_with.get("active_layers", 2)
+    assert not opt.is_probing and len(opt.active_layer_indices) == k, "never an empty or wrong-sized active set"
+    events = opt.history["events"]
+    assert (events[-1]["event"] if expect else None) == expect or expect is None
+    for i, block in enumerate(fresh.layers):
+        assert all(p.requires_grad == (i in opt.active_layer_indices) for p in block.parameters())
+    before = [p.detach().clone() for p in fresh.parameters()]
+    train(fresh, opt, batches(3, seed=9))
+    assert any(not torch.equal(p, b) for p, b in zip(fresh.parameters(), before, strict=True)), "it trains"
+
+
+def _corrupt(sd, key, value):
+    bad = {**sd, "grass": {**sd["grass"], key: value}}
+    return bad
+
+
+BAD_ENTRIES = [
+    ("step", -1, r"'step' is -1 \(expected an int >= 0\)"),
+    ("step", 2.5, r"'step' is 2.5"),
+    ("active", [0, 0], r"active blocks \[0, 0\] list a block twice"),
+    ("active", [0, 1, 2], r"3 active blocks \[0, 1, 2\], but it was saved after probing with active_layers=2"),
+    ("active", [0.5], r"expected a list of ints"),
+    ("importance", torch.zeros(3, dtype=torch.float64),
+     r"'importance' is \(3,\) \(expected a tensor of shape \(4,\)\)"),
+    ("importance", torch.tensor([1.0, float("inf"), 1.0, 1.0], dtype=torch.float64), "expected finite scores"),
+    ("probabilities", torch.tensor([0.5, -0.1, 0.3, 0.3], dtype=torch.float64), "finite non-negative"),
+    ("window_count", torch.tensor([1, -2, 0, 0]), "expected counts >= 0"),
+    ("generator", torch.zeros(3, dtype=torch.uint8), "'generator' is not the state of a CPU torch.Generator"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_ENTRIES, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD_ENTRIES])
+def test_a_bad_checkpoint_is_refused_and_changes_nothing(key, value, message):
+    """Issue 11.6: every field checked before anything changes."""
+    model, sd = _saved(5, probe_steps=2, offload="inactive")
+    opt = GrassAdamW(model, probe_steps=2, offload="inactive", seed=3)
+    train(model, opt, batches(3, seed=4))
+    before = round_trip(opt.state_dict())
+    grads_before = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(_corrupt(sd, key, value))
+    after = round_trip(opt.state_dict())
+    assert grads_before == [p.requires_grad for p in model.parameters()]
+    assert after["grass"]["step"] == before["grass"]["step"] and after["grass"]["active"] == before["grass"]["active"]
+    for k, v in before["grass"].items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(after["grass"][k], v, rtol=0, atol=0, equal_nan=True)
+    for k, st in before["state"].items():
+        for name, v in st.items():
+            assert torch.equal(after["state"][k][name], v)
