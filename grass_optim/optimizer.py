@@ -220,7 +220,8 @@ class GrassAdamW(Optimizer):
         # inactive blocks are dropped before the update.
         self._defer_freeze = D.is_distributed()
         self._pending_load: tuple[Any, ...] | None = None
-        self._synced: tuple[int, ...] | None = None  # the gradient blocks the model was last synced to
+        # (blocks with gradients, blocks updated) the model and the gradient hooks were last synced to
+        self._synced: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         # Weak: a hook holding the optimizer would make a reference cycle, and the model would be given
         # back (freezing.py) only when the garbage collector finds it, not when the optimizer is dropped.
         self._own_hooks = {
@@ -367,7 +368,7 @@ class GrassAdamW(Optimizer):
             self._measurer.after_update(s)
         event = s.advance()
         self._defer_freeze = False
-        if s.gradient_blocks != self._synced:
+        if (s.gradient_blocks, s.active_blocks) != self._synced:
             self._sync_model()
         if event is not None:
             self._history.record_event(event, s)
@@ -428,7 +429,7 @@ class GrassAdamW(Optimizer):
         this step: at construction, after a step that changed them, after a load."""
         if not self._defer_freeze:
             self._freezer.apply(self.schedule.gradient_blocks)
-            self._synced = self.schedule.gradient_blocks
+            self._synced = (self.schedule.gradient_blocks, self.schedule.active_blocks)
         self._measurer.prepare(self.schedule)
 
     def _follow_device(self) -> None:

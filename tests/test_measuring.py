@@ -154,10 +154,10 @@ class _Cycle(GrassSampler):
         return out
 
 
-def _refresh_run(refresh_all, *, offload=None, low_memory=True, steps=13, observe=None):
+def _refresh_run(refresh_all, *, offload=None, low_memory=True, steps=13, observe=None, switch_every=3):
     model = make_net()
     rec = _Cycle()
-    opt = GrassAdamW(model, lr=1e-2, weight_decay=0.1, sampler=rec, active_layers=1, switch_every=3,
+    opt = GrassAdamW(model, lr=1e-2, weight_decay=0.1, sampler=rec, active_layers=1, switch_every=switch_every,
                      probe_steps=0, refresh_all=refresh_all, offload=offload, probe_low_memory=low_memory, seed=0)
     for x, y in batches(steps):
         if observe is not None:
@@ -196,6 +196,15 @@ def test_refresh_all_measures_every_block_and_updates_only_the_active_one(offloa
     assert [m.all() for _, m in rec.calls] == [True] * 4
     assert [int(m.sum()) for _, m in ref_rec.calls] == [1] * 4
     assert torch.isfinite(opt.importance).all(), "every block has a score after the first refresh"
+
+
+def test_refresh_all_every_step_still_updates_each_newly_drawn_block():
+    """switch_every=1 with refresh_all: every step gives every block gradients and redraws; the blocks
+    with gradients never change, but which are updated (and which the hooks free) does."""
+    ref_model, ref_opt, _ = _refresh_run(False, switch_every=1)
+    model, opt, rec = _refresh_run(True, switch_every=1)
+    assert_same_params(ref_model, model)
+    assert len(rec.calls) == 13 and all(m.all() for _, m in rec.calls)
 
 
 def test_refresh_all_scores_are_the_measure_steps_rms_for_inactive_blocks():
