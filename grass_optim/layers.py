@@ -1,11 +1,16 @@
 """Layer discovery: which modules are the sampled blocks, and which parameters are always trained.
 
 Blocks (the public API calls them "layers": ``active_layers``, ``layer_names``) are the repeated
-layers of the model: the longest ``nn.ModuleList``/``nn.Sequential`` whose
-children (those holding parameters) all have one type, e.g. ``model.layers`` (Llama),
-``transformer.h`` (GPT-2) or ``encoder.layer`` (BERT/MiniLM). Lists nested inside another
-candidate's children (say, the experts inside each MoE layer) are not considered. Every parameter
-outside the blocks — embeddings, final norm, head — is "outside" and always trained by default.
+layers of the model. A *stack* is an ``nn.ModuleList``/``nn.Sequential`` whose children (those
+holding parameters) all have one type, e.g. ``model.layers`` (Llama), ``transformer.h`` (GPT-2),
+``encoder.layer`` (BERT/MiniLM). A model may have several: T5 and BART have an encoder stack and a
+decoder stack, Whisper too, a vision-language model a vision tower and a language model. Every
+stack whose children are composite modules (layers made of layers, not bare ``Linear`` layers) is
+sampled, its blocks in one pool, in module order; their names say which stack they are in
+(``encoder.block.0``, ``decoder.block.0``). Lists nested inside another stack's children (say, the
+experts inside each MoE layer) are not stacks. Without a composite stack (a plain ``Sequential`` of
+``Linear`` layers), the longest list is the stack. Every parameter outside the blocks — embeddings,
+final norm, head — is "outside" and always trained by default.
 
 A parameter shared between two blocks, or between a block and the outside (tied weights), is put
 outside: freezing it with one block would freeze it everywhere.
@@ -13,13 +18,16 @@ outside: freezing it with one block would freeze it everywhere.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["LayerPartition", "find_layers", "unwrap_model"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerPartition", "find_layers", "largest_outside", "unwrap_model", "warn_if_mostly_outside"]
 
 _HOW_TO_PASS = ("pass layers= to GrassAdamW: a dotted path to the list of blocks (e.g. "
                 "layers='model.layers') or a list of the block modules")
@@ -133,6 +141,11 @@ def _refuse_shared(name: str, container: nn.Module) -> None:
             "layers= to sample other modules")
 
 
+def _composite(module: nn.Module) -> bool:
+    """A layer made of layers (a transformer block), not a bare leaf such as ``nn.Linear``."""
+    return any(any(True for _ in c.parameters()) for c in module.children())
+
+
 def _discover(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
     candidates = _candidates(model)
     if not candidates:
@@ -147,12 +160,26 @@ def _discover(model: nn.Module) -> tuple[list[str], list[nn.Module]]:
         _, children = item
         return len(children), sum(p.numel() for c in children for p in c.parameters())
 
-    name, children = max(candidates, key=size)  # ties: the first in named_modules() order
+    stacks = [c for c in candidates if all(_composite(m) for m in c[1])]
+    if not stacks:
+        stacks = [max(candidates, key=size)]  # ties: the first in named_modules() order
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    return [names[id(c)] for c in children], children
+    blocks = [m for _, children in stacks for m in children]
+    return [names[id(c)] for c in blocks], blocks
 
 
-def _from_argument(model: nn.Module, layers: str | Sequence[nn.Module]) -> tuple[list[str], list[nn.Module]]:
+def _from_argument(model: nn.Module, layers: str | Sequence[str] | Sequence[nn.Module]
+                   ) -> tuple[list[str], list[nn.Module]]:
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) for x in layers):
+        stacked_names: list[str] = []
+        stacked: list[nn.Module] = []
+        for path in layers:  # several stacks, e.g. ["encoder.block", "decoder.block"]
+            more_names, more_blocks = _from_argument(model, path)
+            stacked_names += more_names
+            stacked += more_blocks
+        if len(set(map(id, stacked))) != len(stacked):
+            raise ValueError(f"Invalid layers: {list(layers)} name a block twice (overlapping paths)")
+        return stacked_names, stacked
     if isinstance(layers, str):
         if not layers:
             raise ValueError(f"Invalid layers: '' (expected a dotted path to the container of the blocks, "
@@ -168,11 +195,11 @@ def _from_argument(model: nn.Module, layers: str | Sequence[nn.Module]) -> tuple
             raise ValueError(f"Invalid layers: {layers!r} has no child module holding parameters; "
                              f"{_HOW_TO_PASS}")
         prefix = layers + "."
-        names = {id(m): n for n, m in container.named_children()}
-        return [prefix + names[id(c)] for c in children], children
+        child_names = {id(m): n for n, m in container.named_children()}
+        return [prefix + child_names[id(c)] for c in children], children
     if isinstance(layers, nn.Module) or not isinstance(layers, Sequence) or len(layers) == 0:
         raise TypeError(f"Invalid layers: {type(layers).__name__} (expected None, a dotted path "
-                        "string, or a non-empty list of nn.Module blocks)")
+                        "string, a list of them, or a non-empty list of nn.Module blocks)")
     names_by_id = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     out_names = []
     for i, block in enumerate(layers):
@@ -187,13 +214,15 @@ def _from_argument(model: nn.Module, layers: str | Sequence[nn.Module]) -> tuple
     return out_names, blocks
 
 
-def find_layers(model: nn.Module, layers: str | Sequence[nn.Module] | None = None) -> LayerPartition:
+def find_layers(model: nn.Module, layers: str | Sequence[str] | Sequence[nn.Module] | None = None
+                ) -> LayerPartition:
     """Split ``model``'s parameters into blocks and outside parameters.
 
     Args:
         model (nn.Module): the model; DDP and ``torch.compile`` wrappers are stripped first.
-        layers (str or list of nn.Module, optional): ``None`` to auto-detect; a dotted path such as
-            ``"model.layers"`` naming the container of the blocks; or the block modules themselves.
+        layers (str, list of str or list of nn.Module, optional): ``None`` to auto-detect every
+            stack; a dotted path such as ``"model.layers"`` naming the container of the blocks, or
+            several (``["encoder.block", "decoder.block"]``); or the block modules themselves.
     """
     model = unwrap_model(model)
     names, blocks = _discover(model) if layers is None else _from_argument(model, layers)
@@ -212,3 +241,32 @@ def find_layers(model: nn.Module, layers: str | Sequence[nn.Module] | None = Non
     outside = tuple(p for pid, p in params.items() if owner_of[pid] is None)
     return LayerPartition(names=tuple(names), blocks=tuple(blocks), block_params=block_params,
                           outside_params=outside, _owner=owner_of, root=model)
+
+
+def largest_outside(partition: LayerPartition, top: int = 3) -> list[tuple[str, int]]:
+    """The modules holding the most parameters outside the blocks: ``(name, parameter count)``."""
+    if partition.root is None:
+        return []
+    outside = {id(p) for p in partition.outside_params}
+    counts: dict[str, int] = {}
+    for name, p in partition.root.named_parameters():
+        if id(p) in outside:
+            module = name.rsplit(".", 1)[0] if "." in name else name
+            counts[module] = counts.get(module, 0) + p.numel()
+    return sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+
+
+OUTSIDE_SHARE_WARNING = 0.5  # warn when the always-trained parameters are more than this share
+
+
+def warn_if_mostly_outside(partition: LayerPartition, trainable: set[int]) -> None:
+    """Warn when most trainable parameters are outside the blocks: a missed stack looks like that."""
+    outside = sum(p.numel() for p in partition.outside_params if id(p) in trainable)
+    total = outside + sum(p.numel() for ps in partition.block_params for p in ps if id(p) in trainable)
+    if total and outside / total > OUTSIDE_SHARE_WARNING:
+        largest = ", ".join(f"{name} ({n / 1e6:.2f} M)" for name, n in largest_outside(partition))
+        logger.warning(
+            "GrassAdamW: %.0f %% of the trainable parameters are outside the blocks (largest: %s); they are "
+            "trained at every step and keep their state on the device. If a stack of blocks was missed, pass "
+            "layers=[...] with the path of every stack; if they are embeddings or heads, consider "
+            "outside_blocks='freeze'", 100 * outside / total, largest)

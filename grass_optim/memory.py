@@ -109,7 +109,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAYERS,
-                    layers: str | Sequence[nn.Module] | None = None,
+                    layers: str | Sequence[str] | Sequence[nn.Module] | None = None,
                     outside_blocks: str = DEFAULT_OUTSIDE_BLOCKS, state_tensors_per_param: int = 2,
                     state_dtype: torch.dtype | None = None) -> MemoryEstimate:
     """Predict device memory for weights, gradients and optimizer state, before training.
@@ -121,7 +121,7 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
     Args:
         model (nn.Module): the model (its parameters may be on any device, or on ``meta``).
         active_layers (int, optional): blocks trained at a time (default: 2).
-        layers (str or list of nn.Module, optional): as in :class:`~grass_optim.GrassAdamW`.
+        layers (str, list of str or list of nn.Module, optional): as in :class:`~grass_optim.GrassAdamW`.
         outside_blocks (str, optional): ``"train"`` or ``"freeze"`` (default: "train").
         state_tensors_per_param (int, optional): state tensors the optimizer keeps per parameter,
             2 for AdamW's moments, 1 for SGD with momentum (default: 2).

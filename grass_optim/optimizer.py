@@ -29,7 +29,7 @@ from . import distributed as D
 from .freezing import BlockFreezer, is_trainable
 from .groups import build_base_optimizer, step_groups_of, step_hooks_once
 from .history import History
-from .layers import find_layers
+from .layers import find_layers, warn_if_mostly_outside
 from .measuring import BlockMeasurer, check_grad_scaler
 from .memory import MemoryReport, memory_report
 from .offload import StateOffloader
@@ -112,8 +112,10 @@ class GrassAdamW(Optimizer):
             blocks keep their state on the device. See ``docs/offload.md`` (default: None).
         offload_overlap (bool, optional): ``False`` waits for each copy as soon as it is issued
             (a baseline that shows what the overlap buys; results are identical) (default: True).
-        layers (str or list of nn.Module, optional): the blocks; ``None`` auto-detects them, a
-            dotted path names their container, a list gives them (default: None).
+        layers (str, list of str or list of nn.Module, optional): the blocks; ``None`` finds every
+            stack of repeated blocks (T5's encoder and decoder, a vision tower and a language
+            model, ...), a dotted path names their container, a list of paths names several, a
+            list of modules gives them (default: None).
         seed (int, optional): seed of the optimizer's own ``torch.Generator``; ``None`` derives it
             from ``torch.initial_seed()`` without consuming the global RNG, and in a multi-process
             run takes rank 0's (default: None).
@@ -153,7 +155,7 @@ class GrassAdamW(Optimizer):
                  probe_low_memory: bool = C.DEFAULT_PROBE_LOW_MEMORY,
                  offload: bool | str | None = C.DEFAULT_OFFLOAD,
                  offload_overlap: bool = C.DEFAULT_OFFLOAD_OVERLAP,
-                 layers: str | Sequence[nn.Module] | None = None, seed: int | None = None,
+                 layers: str | Sequence[str] | Sequence[nn.Module] | None = None, seed: int | None = None,
                  distributed_checks: bool = True, grad_scaler: Any = None, history: bool | str = True,
                  history_limit: int = 1000, **optimizer_kwargs: Any) -> None:
         # 1. Validate everything before touching the model or a wrapped optimizer.
@@ -205,6 +207,9 @@ class GrassAdamW(Optimizer):
         # 3. One owner per concern.
         in_optimizer = {id(p) for g in self.param_groups for p in g["params"]}
         self._freezer = BlockFreezer(self.partition, in_optimizer, train_outside=self.config.outside_blocks == "train")
+        if self.config.outside_blocks == "train":
+            warn_if_mostly_outside(self.partition, {id(p) for ps in self._freezer.blocks for p in ps}
+                                   | {id(p) for p in self._freezer.outside})
         ranks = D.RankChecks() if distributed_checks and D.is_distributed() else None
         self.schedule = Schedule(self.config, resolved, self._freezer.numel,
                                  D.resolve_seed(seed, check=distributed_checks), self._freezer.device, ranks)
