@@ -413,15 +413,15 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     peak = peak_rss()
     est = grass_optim.estimate_memory(model, active_layers=p["active_layers"])
-    part = grass_optim.find_layers(model)
-    # What parking keeps on the CPU host: AdamW's two moments of every block (all blocks parked once).
-    host_est = 2 * sum(q.numel() * q.element_size() for ps in part.block_params for q in ps)
+    row = est.rows[METHODS[method].estimate]
+    # What parking keeps on the CPU host (unpinned here): AdamW's two moments of every block, all parked once.
+    host_est = row["host_state"]
     return {
         "method": method, "steps": steps, "blocks_visited": len(visited), "num_layers": L, "train_s": train_s,
         "rss_before_build": rss_before, "rss_after_build": rss_after_build,
         "maxrss_after_build": maxrss_after_build, "peak_rss": peak, "weight_bytes": weight_bytes,
         "grad_bytes_max": grad_max, "device_state_bytes_max": state_dev_max, "host_buffer_bytes_max": host_max,
-        "estimate": est.rows[METHODS[method].estimate], "estimate_host_buffers": host_est if "-" in method else 0,
+        "estimate": row, "estimate_host_buffers": host_est,
         "params": count_params(model),
     }
 

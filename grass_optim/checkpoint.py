@@ -4,7 +4,9 @@
   optimizer's state and per-block groups (each carries ``"grass_block"``). With offloading, every
   state tensor is a host copy, wherever it lives.
 * ``"grass"``: the schedule's fields (:meth:`Schedule.state_dict <grass_optim.schedule.Schedule.state_dict>`)
-  plus ``"history"`` and ``"history_steps"`` (plots only; ``None`` when not recorded).
+  plus ``"history"`` and ``"history_steps"`` (plots only; ``None`` when not recorded), and, only when
+  saved between a step that raised part-way and its retry, ``"progress"``: the parts of that step's
+  update already applied (``placement.Progress``), so that the resumed run does not apply them twice.
 
 GrassAdamW writes and reads this through its own state-dict hooks, registered when it is built, so
 the users' hooks work as on any optimizer: a user's ``state_dict`` post-hook already sees
@@ -23,12 +25,36 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["GRASS", "HISTORY", "HISTORY_DROPPED", "HISTORY_STEPS", "grass_entry", "host_copies", "split_parked"]
+from .placement import Progress
+
+__all__ = ["GRASS", "HISTORY", "HISTORY_DROPPED", "HISTORY_STEPS", "PROGRESS", "check_progress", "grass_entry",
+           "host_copies", "progress_entry", "split_parked"]
 
 GRASS = "grass"
 HISTORY = "history"  # for plots only: it changes nothing in the future
 HISTORY_STEPS = "history_steps"  # the per-step records of history="steps" (likewise)
 HISTORY_DROPPED = "history_dropped"  # how many older entries the bounded history let go
+PROGRESS = "progress"  # only after a step that raised part-way: what its update already applied
+_OUTSIDE = -1  # the groups outside the blocks, in "progress" parts
+
+
+def progress_entry(progress: Progress) -> dict[str, Any]:
+    return {"step": progress.step, "everything": progress.everything,
+            "parts": sorted(_OUTSIDE if i is None else i for i in progress.parts)}
+
+
+def check_progress(entry: dict[str, Any], step: int, num_blocks: int) -> Progress | None:
+    """The ``"progress"`` of a checkpoint's ``"grass"`` entry (None when absent), validated."""
+    raw = entry.get(PROGRESS)
+    if raw is None:
+        return None
+    parts = raw.get("parts") if isinstance(raw, dict) else None
+    if (not isinstance(raw, dict) or raw.get("step") != step or not isinstance(raw.get("everything"), bool)
+            or not isinstance(parts, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and _OUTSIDE <= i < num_blocks for i in parts)):
+        raise ValueError(f"Invalid state_dict: 'grass' entry 'progress' is {raw!r} (expected {{'step': {step}, "
+                         f"'everything': bool, 'parts': ints in [-1, {num_blocks})}})")
+    return Progress(step, raw["everything"], {None if i == _OUTSIDE else i for i in parts})
 
 
 def grass_entry(state_dict: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Nothing here changes the future of a run; it is checkpointed only so that a resumed run's history
 is whole. Entries are taken on steps that already synchronise (refreshes and redraws), or from
-tensor sizes; copy timings stay raw events until the history is read.
+tensor sizes; copy timings stay raw events until their copies have finished (asked at each step,
+without waiting) or the history is read.
 
 Bounded: at most ``limit`` events and ``limit`` per-step records are kept (the most recent), in
 memory and in checkpoints, whatever the length of the run; ``dropped`` counts the older ones. An
@@ -16,7 +17,7 @@ from collections import deque
 from typing import Any
 
 from .memory import MemoryReport
-from .offload import resolve_timings
+from .offload import resolve_timings, timings_ready
 from .schedule import Schedule
 
 __all__ = ["History"]
@@ -32,6 +33,7 @@ class History:
         self.steps: deque[dict[str, Any]] | None = deque(maxlen=limit) if mode == "steps" else None
         self.dropped = {"events": 0, "steps": 0}
         self._moved_so_far = (0, 0)
+        self._unresolved: deque[dict[str, Any]] = deque()  # per-step records whose copy timings are raw
 
     @property
     def records_steps(self) -> bool:
@@ -57,6 +59,13 @@ class History:
                            "host_state_bytes": report.host_state_bytes,
                            "bytes_to_host": report.bytes_to_host - to_host,
                            "bytes_to_device": report.bytes_to_device - to_device, "copies": timings})
+        self._unresolved.append(self.steps[-1])
+        # Resolve the records whose copies have finished (asked without waiting), so that timing
+        # events do not pile up until the history is read: only the last step or two stay raw.
+        while self._unresolved and timings_ready(self._unresolved[0].get("copies", ())):
+            _resolve(self._unresolved.popleft())
+        while len(self._unresolved) > self.limit:  # dropped from the history already
+            self._unresolved.popleft()
 
     def _count_drop(self, kind: str, entries: deque[dict[str, Any]]) -> None:
         if len(entries) == entries.maxlen:
@@ -68,14 +77,10 @@ class History:
 
     def resolved_steps(self) -> list[dict[str, Any]]:
         """The per-step records as plain numbers (waits for the timed copies on an accelerator)."""
-        out = []
-        for entry in self.steps or []:
-            if "copies" in entry:  # resolve once, in place: later reads need no wait
-                copies = resolve_timings(entry.pop("copies"))
-                for direction in ("to_host", "to_device"):
-                    entry[f"copy_ms_{direction}"] = sum((c["ms"] for c in copies if c["direction"] == direction), 0.0)
-            out.append(dict(entry))
-        return out
+        for entry in self._unresolved:
+            _resolve(entry)  # in place: later reads need no wait
+        self._unresolved.clear()
+        return [dict(entry) for entry in self.steps or []]
 
     def as_dict(self, layer_names: tuple[str, ...], schedule: Schedule) -> dict[str, Any]:
         config: dict[str, Any] = dict(schedule.config.schedule_settings())
@@ -97,8 +102,19 @@ class History:
             self.events = deque((dict(e) for e in events), maxlen=self.limit)
             self.dropped["events"] = max(0, len(events) - self.limit)
         if self.steps is not None and steps is not None:
+            self._unresolved.clear()
             self.steps = deque((dict(e) for e in steps), maxlen=self.limit)
             self.dropped["steps"] = max(0, len(steps) - self.limit)
         if isinstance(dropped, dict):
             for kind in self.dropped:
                 self.dropped[kind] += int(dropped.get(kind, 0))
+
+
+def _resolve(entry: dict[str, Any]) -> None:
+    """Replace a per-step record's raw copy timings by their totals in milliseconds, in place."""
+    if "copies" not in entry:
+        return
+    copies = resolve_timings(entry.pop("copies"))
+    for direction in ("to_host", "to_device"):
+        entry[f"copy_ms_{direction}"] = sum((c["ms"] for c in copies if c["direction"] == direction), 0.0)
+

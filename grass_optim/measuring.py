@@ -18,7 +18,7 @@ Nothing here reads a value back to the host: ordinary steps never synchronise wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
 import torch
@@ -28,7 +28,10 @@ from . import distributed as D
 from .importance import block_dots, block_grad_rms, block_partial_sums, foreach_norms
 from .schedule import Schedule
 
-__all__ = ["BlockMeasurer", "check_grad_scaler"]
+__all__ = ["BlockMeasurer", "Record", "check_grad_scaler"]
+
+# One step's signal: (per-block values, per-block hits), for Schedule.advance.
+Record = tuple[Tensor, Tensor]
 
 # The per-gradient partial sum of each signal: ||g||_2^2 for "rms" (then sqrt(sum / N) per block),
 # ||g||_1 for "l1"; also the power of the loss scale in it.
@@ -65,19 +68,22 @@ class BlockMeasurer:
         self._hooked: tuple[int, ...] = ()
         self._plan: tuple[tuple[int, ...], list[Tensor], Tensor, Tensor] | None = None
         self._before_update: Tensor | None = None
+        self._subsets: dict[tuple[int, ...], Tensor] = {}  # see _with_grads
 
     # ------------------------------------------------------------------ the step
-    def measure(self, schedule: Schedule) -> None:
-        """Before the update: record this step's signal of every block that got gradients."""
+    def measure(self, schedule: Schedule) -> Record | None:
+        """Before the update: this step's signal of every block that got gradients, as ``(values,
+        hits)`` for :meth:`Schedule.advance <grass_optim.schedule.Schedule.advance>` (None for
+        ``"gain"``, measured around the update). Changes nothing: a step that fails after it and is
+        tried again measures again."""
         if self.signal == "gain":
-            schedule.drop_hook_sums()  # only an update gives a gain: see after_update()
-            return
+            return None  # only an update gives a gain: see after_update()
         ord = _ORD[self.signal]
         partial = torch.zeros(schedule.num_blocks, dtype=torch.float64, device=schedule.device)
         hits = torch.zeros(schedule.num_blocks, dtype=torch.int64, device=schedule.device)
         if self._hooked:
             # The hooks already reduced these blocks' gradients during backward (seen before unscaling).
-            hook_sum, hook_hits = schedule.take_hook_sums()
+            hook_sum, hook_hits = schedule.hook_sums()
             if self.grad_scaler is not None:
                 hook_sum = hook_sum / self._loss_scale(hook_sum.device) ** ord
             if self.sharded:
@@ -90,22 +96,25 @@ class BlockMeasurer:
             hits.index_fill_(0, index, 1)
         if self.sharded:
             D.sum_over_ranks(partial)  # each rank holds a shard: a block's sum is global, not per-shard
-        schedule.record(self._finish(partial), hits)
+        return self._finish(partial), hits
 
     def before_update(self, schedule: Schedule) -> None:
         """``"gain"``: ``<g, theta>`` of each updated block, before the update."""
         if self.signal == "gain":
             self._before_update = self._grad_dot_params(schedule)
 
-    def after_update(self, schedule: Schedule) -> None:
-        """``"gain"``: record ``<g, theta_before> - <g, theta_after>`` of each updated block."""
+    def after_update(self, schedule: Schedule, skipped: Collection[int] = ()) -> Record | None:
+        """``"gain"``: ``<g, theta_before> - <g, theta_after>`` of each block updated now, as ``(values,
+        hits)`` (the ``skipped`` blocks were updated by an earlier, failed try of this step: no gain now)."""
         if self.signal != "gain" or self._before_update is None:
-            return
+            return None
         gain = self._before_update - self._grad_dot_params(schedule)
         self._before_update = None
         measured = torch.zeros(schedule.num_blocks, dtype=torch.int64, device=schedule.device)
         measured.index_fill_(0, self._with_grads(schedule)[1], 1)
-        schedule.record(gain.to(torch.float32), measured)
+        if skipped:
+            measured[list(skipped)] = 0
+        return gain.to(torch.float32), measured
 
     # ------------------------------------------------------------------ following the schedule
     def prepare(self, schedule: Schedule) -> None:
@@ -166,8 +175,18 @@ class BlockMeasurer:
         _, params, index, owners_cpu = self._measure_plan(schedule)
         if all(p.grad is not None for p in params):
             return params, index
-        keep = [i for i, p in enumerate(params) if p.grad is not None]  # unused parameters: rare path
-        return [params[i] for i in keep], owners_cpu[keep].to(schedule.device)
+        # Parameters without a gradient (unused in this forward): usually the same ones step after
+        # step, so their index is cached per set (cleared with the plan) instead of copied each step.
+        keep = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        cached = self._subsets.get(keep)
+        if cached is None:
+            cached = owners_cpu[list(keep)]
+            if schedule.device.type != "cpu":  # pinned and non-blocking: the host does not wait
+                cached = cached.pin_memory().to(schedule.device, non_blocking=True)
+            if len(self._subsets) >= 64:  # e.g. MoE experts routed differently at every step
+                self._subsets.clear()
+            self._subsets[keep] = cached
+        return [params[i] for i in keep], cached
 
     def _measure_plan(self, schedule: Schedule) -> tuple[tuple[int, ...], list[Tensor], Tensor, Tensor]:
         """The blocks measured from their gradients (those that get gradients and are not hooked) and
@@ -180,6 +199,7 @@ class BlockMeasurer:
             # A host-to-device copy: done when the set changes (a step that already synchronises),
             # so that the steps in between never wait for the device.
             self._plan = (blocks, params, owners.to(schedule.device), owners)
+            self._subsets = {}
         return self._plan
 
 

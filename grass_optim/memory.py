@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import DEFAULT_ACTIVE_LAYERS, DEFAULT_OUTSIDE_BLOCKS, OUTSIDE_BLOCKS_CHOICES, check_choice, check_int
 from .freezing import is_trainable
 from .layers import LayerPartition, find_layers
-from .offload import StateOffloader
+from .offload import StateOffloader, pinned_size
 from .placement import OffloadPolicy
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class MemoryReport:
     device_state_bytes: int  # state tensors on the parameters' device
     host_state_bytes: int  # state tensors parked in host buffers (or kept on the host by the base)
     scalar_state_bytes: int  # 0-d state tensors, wherever they are
-    pinned_bytes: int  # page-locked host memory allocated for parking (0 without an accelerator)
+    pinned_bytes: int  # page-locked host memory held for parking, as the pinned allocator rounds it (each
+    # allocation up to a power of two); 0 without an accelerator
     host_buffer_bytes: int  # all host buffers allocated for parking, pinned or not
     bytes_to_host: int  # copied device -> host since construction
     bytes_to_device: int  # copied host -> device since construction
@@ -75,7 +76,7 @@ def memory_report(state: Mapping[Any, dict[str, Any]], partition: LayerPartition
     buffers = offloader.host_buffer_bytes if offloader is not None else 0
     return MemoryReport(
         device_state_bytes=sum(per_block) + outside, host_state_bytes=host, scalar_state_bytes=scalars,
-        pinned_bytes=buffers if offloader is not None and offloader.asynchronous else 0, host_buffer_bytes=buffers,
+        pinned_bytes=offloader.pinned_bytes if offloader is not None else 0, host_buffer_bytes=buffers,
         bytes_to_host=offloader.bytes_to_host if offloader is not None else 0,
         bytes_to_device=offloader.bytes_to_device if offloader is not None else 0,
         device_state_bytes_per_block=tuple(per_block), device_state_bytes_outside=outside)
@@ -83,9 +84,17 @@ def memory_report(state: Mapping[Any, dict[str, Any]], partition: LayerPartition
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted device bytes per method: weights, gradients and optimizer state.
+    """Predicted bytes per method: on the device, weights, gradients and optimizer state; on the host,
+    the parked state.
 
-    ``rows[method]`` has keys ``weights``, ``gradients``, ``optimizer_state`` and ``total``.
+    ``rows[method]`` has keys ``weights``, ``gradients``, ``optimizer_state`` (the most the optimizer
+    holds on the device, what :meth:`GrassAdamW.memory_report` counts) and ``total`` (their sum);
+    ``in_flight`` (state tensors the optimizer has already let go of whose copy to the host has not
+    ended: the caching allocator cannot reuse them yet, so they still occupy the device, at a
+    redraw in ``"inactive"`` and in every step in ``"stream"``) and ``peak`` (``total`` +
+    ``in_flight``: what the device must have room for); ``host_state`` (parked state, every block's
+    once each has been parked) and ``pinned`` (the page-locked memory holding it, each tensor's
+    buffer rounded up to a power of two by PyTorch's pinned allocator).
     Methods: ``adamw``; ``lisa`` (uniform sampling, states kept on the device: once every block has
     been visited they all are there); ``grass`` (same, without offloading); ``grass-inactive`` and
     ``grass-stream`` (the offload modes). Activations are not included.
@@ -101,10 +110,11 @@ class MemoryEstimate:
     def table(self) -> str:
         """A Markdown table in GiB."""
         gib = 1024**3
-        lines = ["| method | weights | gradients | optimizer state | total |", "|---|---|---|---|---|"]
+        keys = ("weights", "gradients", "optimizer_state", "total", "in_flight", "peak", "host_state", "pinned")
+        lines = ["| method | weights | gradients | optimizer state | total | copies in flight | peak "
+                 "| host state | host pinned |", "|---" * 9 + "|"]
         for name, r in self.rows.items():
-            lines.append(f"| {name} | {r['weights'] / gib:.2f} | {r['gradients'] / gib:.2f} | "
-                         f"{r['optimizer_state'] / gib:.2f} | {r['total'] / gib:.2f} |")
+            lines.append(f"| {name} | " + " | ".join(f"{r[k] / gib:.2f}" for k in keys) + " |")
         return "\n".join(lines)
 
 
@@ -148,9 +158,19 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
     out_grad, out_state = sum(size(p) for p in outside), sum(state(p) for p in outside)
     all_trainable = [p for ps in blocks for p in ps] + [p for p in part.outside_params if is_trainable(p)]
 
-    def row(grads: int, opt_state: int) -> dict[str, int]:
-        return {"weights": weights, "gradients": grads, "optimizer_state": opt_state,
-                "total": weights + grads + opt_state}
+    # Parked: every block's state once each has been parked; pinned buffers are rounded up one by one.
+    host_state = sum(state(p) for ps in blocks for p in ps)
+    pinned = sum(state_tensors_per_param * pinned_size(state(p) // max(state_tensors_per_param, 1))
+                 for ps in blocks for p in ps)
+
+    def row(grads: int, opt_state: int, mode: str | None = None, offload: bool = False) -> dict[str, int]:
+        policy = OffloadPolicy(mode)
+        held = policy.device_blocks(active_layers, part.num_layers)
+        in_flight = sum(block_state[held:policy.peak_device_blocks(active_layers, part.num_layers)])
+        total = weights + grads + opt_state
+        return {"weights": weights, "gradients": grads, "optimizer_state": opt_state, "total": total,
+                "in_flight": in_flight, "peak": total + in_flight,
+                "host_state": host_state if offload else 0, "pinned": pinned if offload else 0}
 
     grads = sum(block_grad[:active_layers]) + out_grad
 
@@ -161,8 +181,8 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
         "adamw": row(sum(size(p) for p in all_trainable), sum(state(p) for p in all_trainable)),
         "lisa": row(grads, kept(None)),
         "grass": row(grads, kept(None)),
-        "grass-inactive": row(grads, kept("inactive")),
-        "grass-stream": row(grads, kept("stream")),
+        "grass-inactive": row(grads, kept("inactive"), "inactive", offload=True),
+        "grass-stream": row(grads, kept("stream"), "stream", offload=True),
     }
     block_numel = tuple(sum(p.numel() for p in ps) for ps in blocks)
     outside_numel = sum(p.numel() for p in outside)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["StateOffloader", "resolve_timings"]
+__all__ = ["StateOffloader", "pinned_size", "resolve_timings", "timings_ready"]
 
 # (parameter, its state dict in the base optimizer)
 ParamState = tuple[Tensor, dict[str, Any]]
@@ -41,8 +41,8 @@ class StateOffloader:
 
     Args:
         device (torch.device): where the parameters (and the active state) live.
-        overlap (bool): ``False`` waits for every copy right after issuing it (a blocking baseline
-            for benchmarks; results are identical).
+        overlap (bool): ``False`` makes the compute stream wait for every copy right after it is
+            issued, so copies never overlap compute (a baseline for benchmarks; results are identical).
     """
 
     def __init__(self, device: torch.device, overlap: bool = True) -> None:
@@ -74,6 +74,14 @@ class StateOffloader:
         """Bytes of all host buffers allocated so far (pinned on an accelerator)."""
         return sum(t.numel() * t.element_size() for t in self._host.values())
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Page-locked host memory these buffers hold: each pinned allocation is rounded up to a power
+        of two by PyTorch's caching host allocator (0 without an accelerator: nothing is pinned)."""
+        if not self.asynchronous:
+            return 0
+        return sum(pinned_size(t.numel() * t.element_size()) for t in self._host.values())
+
     # -------------------------------------------------------------- transfers
     def offload(self, unit: Any, states: Iterable[ParamState]) -> None:
         """Move the unit's state to its host buffers; the device copies are released."""
@@ -95,13 +103,15 @@ class StateOffloader:
         # The update that last wrote these states was queued on the compute stream.
         self._to_host.wait_stream(torch.accelerator.current_stream(self.device))
         start = self._timing_event(self._to_host)
-        with self._to_host:
-            for (_, st, k, v), host in zip(moves, buffers, strict=True):
-                host.copy_(v, non_blocking=True)
-                # v is dropped below while the copy may still read it: keep its memory from being reused.
-                v.record_stream(self._to_host)
-                st[k] = host
-        self._record(unit, self._to_host, "to_host", nbytes, start)
+        try:
+            with self._to_host:
+                for (_, st, k, v), host in zip(moves, buffers, strict=True):
+                    host.copy_(v, non_blocking=True)
+                    # v is dropped below while the copy may still read it: keep its memory from being reused.
+                    v.record_stream(self._to_host)
+                    st[k] = host
+        finally:  # even if a copy failed part-way, the unit's event covers the copies already issued
+            self._record(unit, self._to_host, "to_host", nbytes, start)
 
     def prefetch(self, unit: Any, states: Iterable[ParamState]) -> None:
         """Start moving the unit's parked state to the device; :meth:`wait` before using it."""
@@ -124,11 +134,16 @@ class StateOffloader:
         # A write-back of this unit into the same host buffers may still be in flight.
         self._stream_waits_for_unit(self._to_device, unit)
         start = self._timing_event(self._to_device)
-        with self._to_device:
-            for (_, st, k, v), d in zip(moves, targets, strict=True):
-                d.copy_(v, non_blocking=True)
-                st[k] = d
-        self._record(unit, self._to_device, "to_device", nbytes, start)
+        try:
+            with self._to_device:
+                for (_, st, k, v), d in zip(moves, targets, strict=True):
+                    d.copy_(v, non_blocking=True)
+                    # If d is dropped before the compute stream waits for this copy (the state replaced,
+                    # the optimizer deleted), its memory must not go to compute while the copy writes it.
+                    d.record_stream(self._to_device)
+                    st[k] = d
+        finally:  # even if a copy failed part-way, the unit's event covers the copies already issued
+            self._record(unit, self._to_device, "to_device", nbytes, start)
 
     def wait(self, unit: Any) -> None:
         """Make the compute stream wait for the unit's last transfer (before the update reads it)."""
@@ -177,7 +192,10 @@ class StateOffloader:
         if start is not None:
             self._timings.append((direction, nbytes, start, event))
         if not self.overlap:
-            event.synchronize()  # the blocking baseline: nothing overlaps
+            # The baseline without overlap: compute waits for the copy at once, so the device runs copies
+            # and compute one after the other; the host does not wait (a host sync would also drain
+            # the queue of work and charge the copy with more than its own time).
+            event.wait(torch.accelerator.current_stream(self.device))
 
     def _timing_event(self, stream: torch.Stream) -> Any:
         """A timing event recorded on ``stream`` before a transfer's copies (None when not timing)."""
@@ -190,6 +208,18 @@ class StateOffloader:
     def _time_host(self, direction: str, nbytes: int, t0: float) -> None:
         if self.timing:
             self._timings.append((direction, nbytes, t0, time.perf_counter()))
+
+
+def pinned_size(nbytes: int) -> int:
+    """What PyTorch's caching host allocator reserves for a pinned tensor of ``nbytes``: the next
+    power of two (``CachingHostAllocator.h``: ``PowerOf2Ceil``)."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
+def timings_ready(raw: Iterable[tuple[str, int, Any, Any]]) -> bool:
+    """True when :func:`resolve_timings` would not wait: every timed copy has finished (asks the
+    device without waiting for it)."""
+    return all(isinstance(end, float) or end.query() for _, _, _, end in raw)
 
 
 def resolve_timings(raw: Iterable[tuple[str, int, Any, Any]]) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from .layers import find_layers, warn_if_mostly_outside
 from .measuring import BlockMeasurer, check_grad_scaler
 from .memory import MemoryReport, memory_report
 from .offload import StateOffloader
-from .placement import OffloadPolicy, StepPart
+from .placement import OffloadPolicy, Progress, StepPart
 from .sampling import Sampler, default_probe_steps, resolve_sampler, unused_settings
 from .schedule import Schedule
 
@@ -225,6 +225,10 @@ class GrassAdamW(Optimizer):
         # inactive blocks are dropped before the update.
         self._defer_freeze = D.is_distributed()
         self._pending_load: tuple[Any, ...] | None = None
+        # A step that raised part-way: what its update applied (skipped when it is tried again), and
+        # whether state may be left between host and device (placement.py, _restore_placement).
+        self._progress: Progress | None = None
+        self._placement_dirty = False
         # (blocks with gradients, blocks updated) the model and the gradient hooks were last synced to
         self._synced: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         # Weak: a hook holding the optimizer would make a reference cycle, and the model would be given
@@ -360,24 +364,33 @@ class GrassAdamW(Optimizer):
         if self._synced is None and not self._defer_freeze:
             self._sync_model()  # after restore_model(): GRASS takes the model back
         self._check_trainability()
-        self._measurer.measure(s)
+        self._restore_placement()  # after a step that raised part-way
+        record = self._measurer.measure(s)
         if self._defer_freeze or s.gradient_blocks != s.active_blocks:
             # Gradients of blocks that are not updated (measured on a refresh_all step without hooks,
             # or computed before deferred freezing) never reach the update.
             self._freezer.drop_grads(s.active_blocks)
+        # From here until the moves at the end, an exception leaves state between host and device:
+        # the next step() (or state_dict()) puts it back where the schedule expects it first.
+        self._placement_dirty = self._offloader is not None
         resident: set[int] = set()
         if not s.is_probing:
+            if self._progress is None or self._progress.step != s.step:
+                self._progress = Progress(s.step)
+            skipped = {i for i in self._progress.parts if i is not None}
             self._measurer.before_update(s)
             resident = self._policy.update(s.active, self.base_optimizer.step, self._step_parts, self._offloader,
-                                           self._block_states)
-            self._measurer.after_update(s)
-        event = s.advance()
+                                           self._block_states, self._progress)
+            record = self._measurer.after_update(s, skipped) or record
+        event = s.advance(record)  # all or nothing: a step tried again records its signal once
+        self._progress = None
         self._defer_freeze = False
         if (s.gradient_blocks, s.active_blocks) != self._synced:
             self._sync_model()
         if event is not None:
             self._history.record_event(event, s)
         self._policy.move(resident, self._resident(), self._offloader, self._block_states)
+        self._placement_dirty = False
         if self._history.records_steps:
             timings = self._offloader.drain_timings() if self._offloader is not None else []
             self._history.record_step(s.step, self.memory_report(), timings)
@@ -441,7 +454,7 @@ class GrassAdamW(Optimizer):
         """Move the bookkeeping to the blocks' device if the model moved after construction (e.g.
         a trainer calling ``model.to(device)`` after the optimizer was built)."""
         device = self._freezer.device
-        if device == self.schedule.device:
+        if device == self.schedule.device and (self._offloader is None or self._offloader.device == device):
             return
         if self._offloader is not None and self._offloader.host_buffer_bytes:
             raise RuntimeError(f"GrassAdamW: the model moved from {self.schedule.device} to {device} after "
@@ -453,6 +466,30 @@ class GrassAdamW(Optimizer):
         self._measurer.moved(self.schedule)
 
     # ------------------------------------------------------------------ where states live
+    def synchronize(self) -> None:
+        """Wait until every copy of optimizer state between host and device has finished.
+
+        Between steps, with ``offload=`` on an accelerator, a write-back or a prefetch may still be
+        running: :attr:`state` may be read or written from the host only after this (``state_dict()``
+        and ``load_state_dict()`` call it themselves). A no-op without offloading or on a CPU.
+        """
+        if self._offloader is not None:
+            self._offloader.synchronize()
+
+    def _restore_placement(self) -> None:
+        """After a step that raised part-way (out of memory in the base optimizer, or while moving
+        state), put every block's state where the schedule expects it before anything reads it:
+        resident blocks on the device, the others in their host buffers. A no-op otherwise."""
+        if not self._placement_dirty or self._offloader is None:
+            return
+        resident = self._resident()
+        for i in range(self.num_layers):
+            if i in resident:
+                self._offloader.prefetch(i, self._block_states(i))  # the update waits for it, as usual
+            else:
+                self._offloader.offload(i, self._block_states(i))
+        self._placement_dirty = False
+
     def _new_offloader(self) -> StateOffloader:
         off = StateOffloader(self.schedule.device, overlap=self.config.offload_overlap)
         off.timing = self._history.records_steps
@@ -488,8 +525,8 @@ class GrassAdamW(Optimizer):
         super().load_state_dict(state_dict)
 
     def _state_dict_pre_hook(self, _opt: Optimizer) -> None:
-        if self._offloader is not None:
-            self._offloader.synchronize()  # the host reads buffers that copies may still be writing
+        self._restore_placement()
+        self.synchronize()  # the host reads buffers that copies may still be writing
 
     def _state_dict_post_hook(self, _opt: Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
         if self._offloader is not None:
@@ -497,12 +534,20 @@ class GrassAdamW(Optimizer):
         events, steps = self._history.state()
         sd[ckpt.GRASS] = {**self.schedule.state_dict(), ckpt.HISTORY: events, ckpt.HISTORY_STEPS: steps,
                           ckpt.HISTORY_DROPPED: dict(self._history.dropped)}
+        if self._progress is not None and self._progress.step == self.schedule.step:
+            sd[ckpt.GRASS][ckpt.PROGRESS] = ckpt.progress_entry(self._progress)
         return sd
 
     def _load_state_dict_pre_hook(self, _opt: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         self._pending_load = None
         entry = ckpt.grass_entry(state_dict)
+        # The model may have moved since this optimizer was built (Accelerate's prepare(), then
+        # load_state()): the checked values go to where the blocks are now.
+        if self._freezer.device != self.schedule.device:
+            self.schedule.to(self._freezer.device)
+            self._measurer.moved(self.schedule)
         values = self.schedule.check_state_dict(entry)  # raises before anything changes
+        progress = ckpt.check_progress(entry, values["step"], self.num_layers)
         changed = self.schedule.changed_settings(entry)
         if changed:
             logger.warning("GrassAdamW.load_state_dict: schedule settings differ from the checkpoint "
@@ -515,12 +560,17 @@ class GrassAdamW(Optimizer):
             base_sd["state"], parked = ckpt.split_parked(state_dict, params, self._freezer.blocks,
                                                          self._resident(values["step"], values["active"]))
         self._pending_load = (values, entry.get(ckpt.HISTORY), entry.get(ckpt.HISTORY_STEPS),
-                              entry.get(ckpt.HISTORY_DROPPED), parked)
+                              entry.get(ckpt.HISTORY_DROPPED), parked, progress)
         return base_sd
 
     def _load_state_dict_post_hook(self, _opt: Optimizer) -> None:
         assert self._pending_load is not None
-        (values, events, steps, dropped, parked), self._pending_load = self._pending_load, None
+        (values, events, steps, dropped, parked, progress), self._pending_load = self._pending_load, None
+        if self._offloader is not None and self._offloader.device != self.schedule.device:
+            # Every state was just replaced: the old device's host buffers are no longer referenced.
+            self._offloader = self._new_offloader()
+            self._history.restart_copy_counts()
+        self._progress, self._placement_dirty = progress, False
         # Optimizer.load_state_dict gave this optimizer new state and groups: hand them to the base
         # through its own __setstate__ (which fills in its defaults for older checkpoints), share again.
         self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})

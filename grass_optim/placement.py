@@ -22,7 +22,7 @@ state on the device in every mode: they are updated at every step.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -30,12 +30,26 @@ from torch import Tensor
 from .config import OFFLOAD_MODES
 from .offload import StateOffloader
 
-__all__ = ["OffloadPolicy"]
+__all__ = ["OffloadPolicy", "Progress"]
 
 # (parameter, its state dict in the base optimizer) of one block
 BlockStates = Callable[[int], list[tuple[Tensor, dict[str, Any]]]]
 # Steps the base optimizer over one part of the groups (a block index, or None for the outside).
 StepPart = Callable[[int | None], None]
+
+
+@dataclass
+class Progress:
+    """What one step's update has applied so far: a step that raised part-way (out of memory in the
+    base optimizer, say) leaves it behind, and the step tried again skips what it lists.
+
+    ``parts`` holds ``None`` for the groups outside the blocks and ``i`` for block ``i``, when the
+    update ran part by part (``"stream"``); ``everything`` is set once the whole update is done.
+    """
+
+    step: int
+    everything: bool = False
+    parts: set[int | None] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -65,28 +79,60 @@ class OffloadPolicy:
         # "stream": the block being updated and the next one, prefetched meanwhile.
         return min(active_layers, 2)
 
+    def peak_device_blocks(self, active_layers: int, num_blocks: int) -> int:
+        """Most blocks whose state occupies the device at once, counting state already let go of whose
+        copy to the host is still running (the caching allocator reuses its memory only once the copy
+        ends, and the host issues the next moves without waiting): at a redraw in ``"inactive"`` the
+        leaving blocks while the entering ones arrive; in ``"stream"`` every block written back in a
+        step plus the next step's first block, prefetched at its end."""
+        if self.mode is None:
+            return num_blocks
+        if self.mode == "inactive":
+            return min(2 * active_layers, num_blocks)
+        return min(active_layers + 1, num_blocks)
+
     def update(self, active: Sequence[int], step_all: Callable[[], None], step_parts: Callable[[], Any],
-               offloader: StateOffloader | None, states: BlockStates) -> set[int]:
+               offloader: StateOffloader | None, states: BlockStates, progress: Progress) -> set[int]:
         """Run one step's update of the active blocks and the outside; return the blocks resident after.
 
         ``step_all()`` steps the base optimizer over every group; ``step_parts()`` is a context
         manager yielding a ``StepPart`` (the base's step hooks fire once around all parts).
+        ``progress`` says what an earlier, failed try of this step already applied (skipped now) and
+        is filled in as parts complete, so that a step tried again never applies a part twice.
         """
-        if self.mode != "stream":
+        if progress.everything:
+            return self.resident(active, probing=False)
+        if self.mode != "stream" and not progress.parts:
             if offloader is not None:
                 for i in sorted(self.resident(active, probing=False)):
                     offloader.wait(i)  # the update reads states a prefetch may still be writing
             step_all()
+            progress.everything = True
             return self.resident(active, probing=False)
-        assert offloader is not None
-        order = sorted(active)
+        # Part by part: "stream", or the rest of an update that a failed try began.
+        stream = self.mode == "stream"
+        done_before = set(progress.parts)
+        order = [i for i in sorted(active) if i not in done_before]
+        if stream and offloader is not None and done_before and order:
+            offloader.prefetch(order[0], states(order[0]))  # not the block prefetched for this step
         with step_parts() as step_part:
-            step_part(None)  # outside the blocks: state stays on the device
+            if None not in done_before:
+                step_part(None)  # outside the blocks: state stays on the device
+                progress.parts.add(None)
             for j, i in enumerate(order):
-                if j + 1 < len(order):
-                    offloader.prefetch(order[j + 1], states(order[j + 1]))
-                offloader.wait(i)
+                if offloader is not None:
+                    if stream and j + 1 < len(order):
+                        offloader.prefetch(order[j + 1], states(order[j + 1]))
+                    offloader.wait(i)
                 step_part(i)
+                progress.parts.add(i)
+                if stream and offloader is not None:
+                    offloader.offload(i, states(i))
+        progress.everything = True
+        if not stream:
+            return self.resident(active, probing=False)
+        if offloader is not None:  # a block the failed try updated may have been brought back meanwhile
+            for i in sorted(i for i in active if i in done_before):
                 offloader.offload(i, states(i))
         return set()
 

@@ -4,12 +4,14 @@ A :class:`Schedule` knows the blocks only as indices ``0..L-1`` with a parameter
 needs no model, no optimizer and no gradients, so its invariants are tested on their own
 (``tests/test_schedule.py``). One optimizer step is, in order:
 
-1. :meth:`Schedule.record` adds this step's per-block signal (the sampler's ``signal``: gradient
-   RMS by default) to the open window, for the blocks in :attr:`Schedule.gradient_blocks`, on the
-   gradients' device, without a host synchronisation;
+1. the per-block signal (the sampler's ``signal``: gradient RMS by default) of the blocks in
+   :attr:`Schedule.gradient_blocks` is measured elsewhere (``measuring.py``), on the gradients'
+   device, without a host synchronisation;
 2. the update of the active set happens elsewhere (nothing while :attr:`Schedule.is_probing`);
-3. :meth:`Schedule.advance` counts the step and, when due, ends probing, refreshes the scores from
-   the window and redraws the active set; it returns which of these happened.
+3. :meth:`Schedule.advance` adds the signal to the open window (:meth:`Schedule.record`), counts
+   the step and, when due, ends probing, refreshes the scores from the window and redraws the
+   active set; it returns which of these happened. It is all or nothing, so a step that failed
+   before it (and is tried again) never counts its signal twice.
 
 Everything that changes the future is listed once, in the constants below, and
 :meth:`~Schedule.state_dict`, :meth:`~Schedule.check_state_dict`, :meth:`~Schedule.load_state_dict`
@@ -159,24 +161,27 @@ class Schedule:
         """
         accumulate_window(self.window_sum, self.window_count, values, hits > 0)
 
-    def take_hook_sums(self) -> tuple[Tensor, Tensor]:
-        """The partial sums and hit counts the gradient hooks collected this step; then reset them."""
-        partial, hits = self.hook_sum.clone(), self.hook_hits.clone()
-        self.drop_hook_sums()
-        return partial, hits
+    def hook_sums(self) -> tuple[Tensor, Tensor]:
+        """Copies of the partial sums and hit counts the gradient hooks collected this step (reset
+        when the step is counted, by :meth:`advance`, or by :meth:`drop_hook_sums`)."""
+        return self.hook_sum.clone(), self.hook_hits.clone()
 
     def drop_hook_sums(self) -> None:
         """Forget this step's hook sums (their gradients were cleared before any step used them)."""
         self.hook_sum.zero_()
         self.hook_hits.zero_()
 
-    def advance(self) -> str | None:
-        """Count one optimizer step; end probing, refresh and redraw when due.
+    def advance(self, record: tuple[Tensor, Tensor] | None = None) -> str | None:
+        """Count one optimizer step: :meth:`record` its signal (``(values, hits)``, if any), forget the
+        hook sums, and end probing, refresh and redraw when due.
 
         Returns ``"probe_end"``, ``"refresh"``, ``"redraw"``, ``"refresh+redraw"`` or ``None``.
         With ``n`` steps since probing ended: probing ends at ``n == 0`` (a refresh on the probing
         window, then the first draw); a refresh when ``n % update_every == 0``, then a redraw when
         ``n % switch_every == 0``, so a redraw on the same step uses the newest scores.
+
+        All or nothing: if it raises (a sampler can), the schedule is as before the call, the step's
+        signal not recorded, so that a step tried again counts its signal once.
         """
         c = self.config
         n = self.step + 1 - c.probe_steps
@@ -184,13 +189,13 @@ class Schedule:
         refreshed = probe_end or (n > 0 and n % c.update_every == 0)
         redrawn = probe_end or (n > 0 and n % c.switch_every == 0)
         if not (refreshed or redrawn):
-            self.step += 1
+            self._count(record)
             return None
         # A transition calls the sampler, which may raise: then nothing of it happened (the step is not
         # counted either, so the next step tries again), instead of, say, probing over with no active set.
         before = self._snapshot()
-        self.step += 1
         try:
+            self._count(record)
             if refreshed:
                 self._refresh()
             if redrawn:
@@ -203,6 +208,12 @@ class Schedule:
         if refreshed and redrawn:
             return REFRESH_REDRAW
         return REFRESH if refreshed else REDRAW
+
+    def _count(self, record: tuple[Tensor, Tensor] | None) -> None:
+        if record is not None:
+            self.record(*record)
+        self.drop_hook_sums()  # they were this step's (read by the record, or not needed)
+        self.step += 1
 
     def reconcile(self) -> str | None:
         """Make a restored state fit this schedule's settings, which may differ from the checkpoint's:

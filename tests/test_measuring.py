@@ -338,3 +338,22 @@ def test_gain_sampler_needs_no_probing_and_trains_like_the_others():
     scored = torch.isfinite(opt.importance)
     assert int(scored.sum()) >= 2 and torch.isnan(opt.importance[~scored]).all(), "trained blocks have scores"
     assert math.isclose(float(opt.probabilities.sum()), 1.0)
+
+
+def test_a_parameter_without_a_gradient_costs_no_index_copy_at_every_step():
+    """An active block's parameter that gets no gradient (unused in the forward): the index of the
+    others is built once per active set and reused (on an accelerator a copy at every step would be
+    a host synchronisation), and the scores are those of the parameters that have gradients."""
+    model = make_net(num_layers=3)
+    model.layers[1].unused = nn.Linear(8, 8)  # in the block, never called
+    opt = GrassAdamW(model, lr=1e-2, active_layers=3, switch_every=50, probe_steps=0, seed=0)
+    indices = []
+    for x, y in batches(6):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+        _, index = opt._measurer._with_grads(opt.schedule)
+        indices.append(index)
+    assert all(i is indices[0] for i in indices)
+    assert len(opt._measurer._subsets) == 1
+    assert indices[0].tolist() == [0] * 4 + [1] * 4 + [2] * 4  # 4 used parameters per block

@@ -26,11 +26,18 @@ def test_estimate_memory_rows_and_warning(caplog):
     outside = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers.")) * 4
     total = sum(p.numel() for p in model.parameters()) * 4
     assert est.rows["adamw"] == {"weights": total, "gradients": total, "optimizer_state": 2 * total,
-                                 "total": 4 * total}
-    assert est.rows["grass-inactive"]["optimizer_state"] == 2 * (2 * block + outside)
-    assert est.rows["grass-inactive"]["gradients"] == 2 * block + outside
+                                 "total": 4 * total, "in_flight": 0, "peak": 4 * total, "host_state": 0, "pinned": 0}
+    inactive, stream = est.rows["grass-inactive"], est.rows["grass-stream"]
+    assert inactive["optimizer_state"] == 2 * (2 * block + outside)
+    assert inactive["gradients"] == 2 * block + outside
     assert est.rows["grass"]["optimizer_state"] == 2 * total
-    assert est.rows["grass-stream"]["optimizer_state"] == 2 * (2 * block + outside)
+    assert stream["optimizer_state"] == 2 * (2 * block + outside)
+    # Copies to the host still running when the next moves allocate: at a redraw the leaving blocks (2)
+    # while the entering ones arrive; in "stream" the 2 written back plus the next step's first block.
+    assert inactive["in_flight"] == 2 * 2 * block and inactive["peak"] == inactive["total"] + 2 * 2 * block
+    assert stream["in_flight"] == 2 * block and stream["peak"] == stream["total"] + 2 * block
+    assert inactive["host_state"] == stream["host_state"] == 2 * 8 * block
+    assert est.rows["grass"]["in_flight"] == est.rows["grass"]["host_state"] == 0
     assert not est.outside_dominates
     assert "| grass-inactive |" in est.table()
     big_head = make_net(d=8, num_layers=4, d_out=4096)
@@ -49,3 +56,15 @@ def test_estimate_matches_the_report_after_all_blocks_were_visited():
         loss_fn(model, x, y).backward()
         opt.step()
     assert opt.memory_report().device_state_bytes == est.rows["grass-inactive"]["optimizer_state"]
+
+
+def test_pinned_bytes_are_rounded_up_as_the_pinned_allocator_does():
+    from grass_optim.offload import pinned_size
+    assert [pinned_size(n) for n in (0, 1, 2, 3, 4096, 4097, 11008 * 4096 * 4)] == [0, 1, 2, 4, 4096, 8192, 2**28]
+    # A 7B MLP weight's fp32 moment (172 MiB) pins 256 MiB; the estimate rounds each tensor.
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList(torch.nn.Linear(3, 3, bias=False) for _ in range(2))  # 36-byte weights
+    est = estimate_memory(model, active_layers=1)
+    assert est.rows["grass-inactive"]["host_state"] == 2 * 2 * 36
+    assert est.rows["grass-inactive"]["pinned"] == 2 * 2 * 64
+

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from grass_optim.placement import OffloadPolicy
+from grass_optim.placement import OffloadPolicy, Progress
 
 
 class _Moves:
@@ -54,21 +54,51 @@ def test_device_blocks_bound_what_the_estimate_counts(mode, expected):
 
 def test_stream_updates_outside_then_each_block_between_its_moves():
     m = _Moves()
-    after = OffloadPolicy("stream").update((0, 2, 5), m.step_all, m.step_parts, m, _states)
+    progress = Progress(7)
+    after = OffloadPolicy("stream").update((0, 2, 5), m.step_all, m.step_parts, m, _states, progress)
     assert after == set()
     assert m.log == [("hooks", "pre"), ("step", None),
                      ("prefetch", 2), ("wait", 0), ("step", 0), ("offload", 0),
                      ("prefetch", 5), ("wait", 2), ("step", 2), ("offload", 2),
                      ("wait", 5), ("step", 5), ("offload", 5), ("hooks", "post")]
+    assert progress == Progress(7, everything=True, parts={None, 0, 2, 5})
 
 
 def test_inactive_waits_for_the_active_blocks_then_steps_once():
     m = _Moves()
-    assert OffloadPolicy("inactive").update((4, 1), m.step_all, m.step_parts, m, _states) == {1, 4}
+    assert OffloadPolicy("inactive").update((4, 1), m.step_all, m.step_parts, m, _states, Progress(0)) == {1, 4}
     assert m.log == [("wait", 1), ("wait", 4), ("step", "all")]
     m = _Moves()
-    assert OffloadPolicy(None).update((4, 1), m.step_all, m.step_parts, None, _states) == set()
+    assert OffloadPolicy(None).update((4, 1), m.step_all, m.step_parts, None, _states, Progress(0)) == set()
     assert m.log == [("step", "all")]
+
+
+def test_a_step_tried_again_skips_the_parts_a_failed_try_applied():
+    # "stream" failed on block 2 (outside and block 0 done): block 2 is brought in (the block prefetched
+    # for the step was 0), block 0 put back if the repair brought it in.
+    m = _Moves()
+    progress = Progress(3, parts={None, 0})
+    assert OffloadPolicy("stream").update((0, 2, 5), m.step_all, m.step_parts, m, _states, progress) == set()
+    assert m.log == [("prefetch", 2), ("hooks", "pre"),
+                     ("prefetch", 5), ("wait", 2), ("step", 2), ("offload", 2),
+                     ("wait", 5), ("step", 5), ("offload", 5), ("hooks", "post"), ("offload", 0)]
+    assert progress.everything
+    # A checkpoint of that failure resumed without offloading: the rest, part by part.
+    m = _Moves()
+    rest = Progress(3, parts={None, 0})
+    assert OffloadPolicy(None).update((0, 2, 5), m.step_all, m.step_parts, None, _states, rest) == set()
+    assert m.log == [("hooks", "pre"), ("step", 2), ("step", 5), ("hooks", "post")]
+    # The whole update was applied (the sampler raised after it): nothing again.
+    m = _Moves()
+    assert OffloadPolicy("inactive").update((1, 4), m.step_all, m.step_parts, m, _states,
+                                            Progress(3, everything=True)) == {1, 4}
+    assert m.log == []
+
+
+@pytest.mark.parametrize(("mode", "expected"), [(None, 8), ("inactive", 6), ("stream", 4)])
+def test_peak_device_blocks_count_state_whose_copy_to_the_host_is_still_running(mode, expected):
+    assert OffloadPolicy(mode).peak_device_blocks(active_layers=3, num_blocks=8) == expected
+    assert OffloadPolicy("inactive").peak_device_blocks(active_layers=5, num_blocks=8) == 8
 
 
 def test_move_writes_back_leaving_blocks_then_prefetches_entering_ones():
