@@ -351,7 +351,8 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     deadline = t_start + args.budget
     result: dict[str, Any] = {"root": str(args.root), "test_file": args.test_file, "python": args.python,
                               "started": now(), "finished": None, "seconds": None, "budget_s": args.budget,
-                              "timeout_s": args.timeout, "expect_cuda": args.expect_cuda, "cuda": None,
+                              "timeout_s": args.timeout, "expect_cuda": args.expect_cuda,
+                              "cuda": None if args.expect_cuda == "auto" else args.expect_cuda == "yes",
                               "problem": None, "ok": False, "counts": {}, "mutations": []}
     out = Path(args.out)
 
