@@ -178,7 +178,7 @@ def run_method(method: str, cfg: LlamaConfig, args: argparse.Namespace, batches:
     row["build_s"] = time.perf_counter() - t_build
     if cuda:
         row["allocated_after_build_bytes"] = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.reset_peak_memory_stats(dev)  # both peaks: allocated (peak_bytes) and reserved
     opt = make_optimizer(method, model, args)
     grass = isinstance(opt, grass_optim.GrassAdamW)
 
@@ -217,6 +217,9 @@ def run_method(method: str, cfg: LlamaConfig, args: argparse.Namespace, batches:
         row["warmup_s"] = 0.0
 
     row["peak_bytes"] = torch.cuda.max_memory_allocated(dev) if cuda else None
+    # What the caching allocator held at its peak (allocated + cached blocks, fragmentation): closer to
+    # what nvidia-smi shows and to when an OOM happens than the allocated peak.
+    row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev) if cuda else None
     row["device_state_bytes"] = device_state_bytes(opt)
     row["device_state_bytes_max"] = state_max
     row["timed_s"] = elapsed
@@ -283,8 +286,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     ref = Reference()
     rows = []
     for method in args.methods:
-        row: dict[str, Any] = {"method": method, "peak_bytes": None, "device_state_bytes": None,
-                               "device_state_bytes_max": None, "tokens_per_s": None,
+        row: dict[str, Any] = {"method": method, "peak_bytes": None, "peak_reserved_bytes": None,
+                               "device_state_bytes": None, "device_state_bytes_max": None, "tokens_per_s": None,
                                "estimate": est.rows[METHODS[method].estimate], "error": None}
         if is_cuda(args.device):
             row["allocated_before_bytes"] = torch.cuda.memory_allocated(args.device)
@@ -341,14 +344,15 @@ def table(result: dict[str, Any], unit: str = "GiB") -> str:
     def b(nbytes: float | None, digits: int = 2) -> str:
         return fmt_bytes(nbytes, unit, digits)
 
-    header = ["method", f"peak {unit}", f"state on device {unit} (end / max)", f"est. state {unit}",
-              f"est. w+g+s {unit}", "tokens/s", "vs grass", "blocks (redraws)", "dθ vs grass", "notes"]
+    header = ["method", f"peak {unit}", f"peak reserved {unit}", f"state on device {unit} (end / max)",
+              f"est. state {unit}", f"est. w+g+s {unit}", "tokens/s", "vs grass", "blocks (redraws)", "dθ vs grass",
+              "notes"]
     out = []
     for r in result["rows"]:
         est = r["estimate"]
         if r["error"]:
             first = r["error"].splitlines()[0]
-            out.append([r["method"], "—", "—", b(est["optimizer_state"], 3), b(est["total"]), "—", "—",
+            out.append([r["method"], "—", "—", "—", b(est["optimizer_state"], 3), b(est["total"]), "—", "—",
                         "—", "—", f"ERROR {first[:200]}"])
             continue
         redraws = f" ({r['redraws']})" if "redraws" in r else ""
@@ -359,6 +363,7 @@ def table(result: dict[str, Any], unit: str = "GiB") -> str:
         out.append([
             r["method"],
             b(r["peak_bytes"]),
+            b(r["peak_reserved_bytes"]),
             f"{b(r['device_state_bytes'], 3)} / {b(r['device_state_bytes_max'], 3)}",
             b(est["optimizer_state"], 3),
             b(est["total"]),

@@ -47,6 +47,10 @@ def test_quick_run_exits_cleanly_with_one_table(quick_run):
         assert method in proc.stdout
     assert "ERROR" not in proc.stdout
     assert "probe_steps=0" in proc.stdout  # the header states the config
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert header[:3] == ["method", "peak MiB", "peak reserved MiB"]
+    for row in rows:  # CPU: no device peaks
+        assert [c.strip() for c in row.split("|")[2:4]] == ["n/a", "n/a"], row
 
 
 def test_quick_run_json(quick_run):
@@ -61,6 +65,7 @@ def test_quick_run_json(quick_run):
     for method, r in rows.items():
         assert r["error"] is None, (method, r.get("traceback"))
         assert r["peak_bytes"] is None  # CPU: no device peak
+        assert r["peak_reserved_bytes"] is None
         assert isinstance(r["device_state_bytes"], int) and r["device_state_bytes"] > 0
         assert isinstance(r["tokens_per_s"], float) and r["tokens_per_s"] > 0
         assert set(r["estimate"]) == {"weights", "gradients", "optimizer_state", "total"}
@@ -109,3 +114,22 @@ def test_an_error_in_one_method_is_reported_and_the_others_run(bench, monkeypatc
     assert rows["adamw"]["ratio_vs_grass"] > 0
     failed = next(line for line in _table_lines(stdout) if line.startswith("| grass-inactive "))
     assert "ERROR OutOfMemoryError" in failed
+
+
+def test_table_shows_the_allocated_and_the_reserved_peak(bench):
+    """The CUDA columns, from a made-up row (the CPU runs above leave them n/a)."""
+    mib = 2**20
+    est = {"weights": 10 * mib, "gradients": 10 * mib, "optimizer_state": 20 * mib, "total": 40 * mib}
+    row = {"method": "grass", "peak_bytes": 300 * mib, "peak_reserved_bytes": 512 * mib, "device_state_bytes": mib,
+           "device_state_bytes_max": 2 * mib, "tokens_per_s": 1000.0, "ratio_vs_grass": 1.0, "estimate": est,
+           "error": None, "blocks_trained": 4, "redraws": 3, "deviation_vs_grass": 0.0}
+    failed = {"method": "adamw", "peak_bytes": None, "peak_reserved_bytes": None, "estimate": est,
+              "error": "OutOfMemoryError: CUDA out of memory"}
+    lines = bench.table({"rows": [row, failed]}, "MiB").splitlines()
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    error = [c.strip() for c in lines[3].split("|")[1:-1]]
+    assert len(cells) == len(error) == len(header)
+    assert dict(zip(header, cells, strict=True))["peak MiB"] == "300.00"
+    assert dict(zip(header, cells, strict=True))["peak reserved MiB"] == "512.00"
+    assert error[1:3] == ["—", "—"] and error[-1].startswith("ERROR OutOfMemoryError")
