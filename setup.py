@@ -20,7 +20,9 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["grass_optim", "grass_optim.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    # torch.accelerator (2.6) and torch.Stream as a context manager (2.7) move the offloaded state;
+    # the test suite also runs against torch 2.7 (docs/reliability.md).
+    install_requires=["torch>=2.7", "numpy"],
     extras_require={
         "test": TEST,
         "examples": EXAMPLES,

@@ -345,15 +345,16 @@ def table(result: dict[str, Any], unit: str = "GiB") -> str:
         return fmt_bytes(nbytes, unit, digits)
 
     header = ["method", f"peak {unit}", f"peak reserved {unit}", f"state on device {unit} (end / max)",
-              f"est. state {unit}", f"est. w+g+s {unit}", "tokens/s", "vs grass", "blocks (redraws)", "dθ vs grass",
+              f"est. state {unit}", f"est. w+g+s {unit}", f"est. peak w+g+s+in flight {unit}",
+              "tokens/s", "vs grass", "blocks (redraws)", "dθ vs grass",
               "notes"]
     out = []
     for r in result["rows"]:
         est = r["estimate"]
         if r["error"]:
             first = r["error"].splitlines()[0]
-            out.append([r["method"], "—", "—", "—", b(est["optimizer_state"], 3), b(est["total"]), "—", "—",
-                        "—", "—", f"ERROR {first[:200]}"])
+            out.append([r["method"], "—", "—", "—", b(est["optimizer_state"], 3), b(est["total"]), b(est["peak"]),
+                        "—", "—", "—", "—", f"ERROR {first[:200]}"])
             continue
         redraws = f" ({r['redraws']})" if "redraws" in r else ""
         dev = r.get("deviation_vs_grass")
@@ -367,6 +368,7 @@ def table(result: dict[str, Any], unit: str = "GiB") -> str:
             f"{b(r['device_state_bytes'], 3)} / {b(r['device_state_bytes_max'], 3)}",
             b(est["optimizer_state"], 3),
             b(est["total"]),
+            b(est["peak"]),
             f"{r['tokens_per_s']:,.0f}",
             "n/a" if r["ratio_vs_grass"] is None else f"{r['ratio_vs_grass']:.3f}",
             f"{r['blocks_trained']}{redraws}",

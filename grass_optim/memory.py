@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import DEFAULT_ACTIVE_LAYERS, DEFAULT_OUTSIDE_BLOCKS, OUTSIDE_BLOCKS_CHOICES, check_choice, check_int
 from .freezing import is_trainable
 from .layers import LayerPartition, find_layers
-from .offload import StateOffloader, pinned_size
+from .offload import HostPool, StateOffloader
 from .placement import OffloadPolicy
 
 logger = logging.getLogger(__name__)
@@ -93,8 +93,8 @@ class MemoryEstimate:
     ended: the caching allocator cannot reuse them yet, so they still occupy the device, at a
     redraw in ``"inactive"`` and in every step in ``"stream"``) and ``peak`` (``total`` +
     ``in_flight``: what the device must have room for); ``host_state`` (parked state, every block's
-    once each has been parked) and ``pinned`` (the page-locked memory holding it, each tensor's
-    buffer rounded up to a power of two by PyTorch's pinned allocator).
+    once each has been parked) and ``pinned`` (the page-locked memory holding it: the slabs the
+    buffers are packed into, :class:`~grass_optim.offload.HostPool`).
     Methods: ``adamw``; ``lisa`` (uniform sampling, states kept on the device: once every block has
     been visited they all are there); ``grass`` (same, without offloading); ``grass-inactive`` and
     ``grass-stream`` (the offload modes). Activations are not included.
@@ -158,10 +158,15 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
     out_grad, out_state = sum(size(p) for p in outside), sum(state(p) for p in outside)
     all_trainable = [p for ps in blocks for p in ps] + [p for p in part.outside_params if is_trainable(p)]
 
-    # Parked: every block's state once each has been parked; pinned buffers are rounded up one by one.
+    # Parked: every block's state once each has been parked, packed into pinned slabs as the offloader
+    # packs them (block by block, one buffer per state tensor).
     host_state = sum(state(p) for ps in blocks for p in ps)
-    pinned = sum(state_tensors_per_param * pinned_size(state(p) // max(state_tensors_per_param, 1))
-                 for ps in blocks for p in ps)
+    pool = HostPool(pinned=True, allocate=False)
+    for ps in blocks:
+        for p in ps:
+            for _ in range(state_tensors_per_param):
+                pool.take(p.shape, p.dtype if state_dtype is None else state_dtype)
+    pinned = pool.reserved_bytes
 
     def row(grads: int, opt_state: int, mode: str | None = None, offload: bool = False) -> dict[str, int]:
         policy = OffloadPolicy(mode)

@@ -68,7 +68,8 @@ def test_quick_run_json(quick_run):
         assert r["peak_reserved_bytes"] is None
         assert isinstance(r["device_state_bytes"], int) and r["device_state_bytes"] > 0
         assert isinstance(r["tokens_per_s"], float) and r["tokens_per_s"] > 0
-        assert set(r["estimate"]) == {"weights", "gradients", "optimizer_state", "total"}
+        assert set(r["estimate"]) == {"weights", "gradients", "optimizer_state", "total", "in_flight", "peak",
+                                      "host_state", "pinned"}
     assert rows["grass"]["ratio_vs_grass"] == pytest.approx(1.0)
 
     # AdamW: every parameter's two moments, exactly as estimated.
@@ -119,7 +120,8 @@ def test_an_error_in_one_method_is_reported_and_the_others_run(bench, monkeypatc
 def test_table_shows_the_allocated_and_the_reserved_peak(bench):
     """The CUDA columns, from a made-up row (the CPU runs above leave them n/a)."""
     mib = 2**20
-    est = {"weights": 10 * mib, "gradients": 10 * mib, "optimizer_state": 20 * mib, "total": 40 * mib}
+    est = {"weights": 10 * mib, "gradients": 10 * mib, "optimizer_state": 20 * mib, "total": 40 * mib,
+           "in_flight": 8 * mib, "peak": 48 * mib, "host_state": 64 * mib, "pinned": 80 * mib}
     row = {"method": "grass", "peak_bytes": 300 * mib, "peak_reserved_bytes": 512 * mib, "device_state_bytes": mib,
            "device_state_bytes_max": 2 * mib, "tokens_per_s": 1000.0, "ratio_vs_grass": 1.0, "estimate": est,
            "error": None, "blocks_trained": 4, "redraws": 3, "deviation_vs_grass": 0.0}
@@ -132,4 +134,5 @@ def test_table_shows_the_allocated_and_the_reserved_peak(bench):
     assert len(cells) == len(error) == len(header)
     assert dict(zip(header, cells, strict=True))["peak MiB"] == "300.00"
     assert dict(zip(header, cells, strict=True))["peak reserved MiB"] == "512.00"
+    assert dict(zip(header, cells, strict=True))["est. peak w+g+s+in flight MiB"] == "48.00"
     assert error[1:3] == ["—", "—"] and error[-1].startswith("ERROR OutOfMemoryError")

@@ -224,3 +224,331 @@ def test_history_steps_times_the_copies_with_events(mode):
         for direction in ("to_host", "to_device"):
             assert (s[f"copy_ms_{direction}"] > 0) == (s[f"bytes_{direction}"] > 0), s
     assert opt.history["steps"] == steps  # resolved once: a second read is the same plain data
+
+
+# ----------------------------------------------------------------------------- stall injection
+# Each test below makes one stream late on purpose (torch.cuda._sleep), so that a missing wait or
+# record_stream shows as a wrong value instead of hiding behind copies that finish in microseconds.
+# Blocks hold 64 MiB of weights (128 MiB of AdamW state); prefetch targets are filled with NaN when
+# allocated (on the compute stream, as the real allocation), so reading one before its copy lands
+# poisons the run. benchmarks/cuda_mutations.py removes each guarded line and checks that its test
+# fails: MUTATIONS lists (test, file, the line).
+MUTATIONS = [
+    ("test_update_waits_for_a_stalled_prefetch", "grass_optim/offload.py",
+     "event.wait(torch.accelerator.current_stream(self.device))"),
+    ("test_prefetch_waits_for_compute_before_copying_into_fresh_memory", "grass_optim/offload.py",
+     "self._to_device.wait_stream("),
+    ("test_write_back_waits_for_a_stalled_update", "grass_optim/offload.py", "self._to_host.wait_stream("),
+    ("test_write_back_source_is_not_reused_before_its_stalled_copy_reads_it", "grass_optim/offload.py",
+     "v.record_stream(self._to_host)"),
+    ("test_prefetch_waits_for_the_stalled_write_back_of_the_same_block", "grass_optim/offload.py",
+     "self._stream_waits_for_unit(self._to_device, unit)"),
+    ("test_write_back_waits_for_the_stalled_prefetch_of_the_same_block", "grass_optim/offload.py",
+     "self._stream_waits_for_unit(self._to_host, unit)"),
+    ("test_prefetch_target_dropped_with_its_copy_in_flight_is_not_reused", "grass_optim/offload.py",
+     "d.record_stream(self._to_device)"),
+]
+
+BIG = 4096  # Linear(BIG, BIG): 64 MiB of fp32 weights, 128 MiB of AdamW state per block
+STALL = 100_000_000  # cycles of torch.cuda._sleep: tens of milliseconds, far longer than any copy here
+
+
+class BigNet(nn.Module):
+    def __init__(self, blocks: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(BIG, BIG, bias=False) for _ in range(blocks))
+        self.out = nn.Linear(BIG, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x)) * 0.1
+        return self.out(x)
+
+
+def _big_data(steps: int):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [(torch.randn(8, BIG, device="cuda", generator=g), torch.randn(8, 1, device="cuda", generator=g))
+            for _ in range(steps)]
+
+
+def _stall(stream=None) -> None:
+    """Keep ``stream`` (default: the current one) busy for a while from now on."""
+    if stream is None:
+        torch.cuda._sleep(STALL)
+    else:
+        with stream:
+            torch.cuda._sleep(STALL)
+
+
+def _poison_prefetch_targets(opt) -> None:
+    """Prefetch targets start as NaN (filled on the compute stream, where they are allocated)."""
+    off = opt._offloader
+    off._empty_on_device = lambda like: torch.full_like(like, float("nan"), device=off.device)
+
+
+def _big_run(mode, steps=8, base=None, setup=None, blocks=4, **kwargs):
+    torch.manual_seed(0)
+    model = BigNet(blocks).cuda()
+    settings = dict(active_layers=2, switch_every=2, probe_steps=0, seed=0)
+    settings.update(kwargs)
+    if base is None:
+        opt = GrassAdamW(model, lr=1e-3, offload=mode, **settings)
+    else:
+        opt = GrassAdamW(model, base(model.parameters()), offload=mode, **settings)
+    if setup is not None:
+        setup(opt)
+    for x, y in _big_data(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    opt.synchronize()
+    torch.cuda.synchronize()
+    return model, opt
+
+
+def _assert_same_run(ref, run):
+    (ref_model, ref_opt), (model, opt) = ref, run
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b), "parameters differ from the run without stalls"
+    for p, q in zip(ref_model.parameters(), model.parameters(), strict=True):
+        for k, v in ref_opt.state[p].items():
+            assert torch.equal(v.cpu(), opt.state[q][k].cpu()), k
+
+
+def _wrap(obj, name, before=None, after=None):
+    real = getattr(obj, name)
+
+    def call(*args, **kwargs):
+        if before is not None:
+            before(*args, **kwargs)
+        out = real(*args, **kwargs)
+        if after is not None:
+            after(*args, **kwargs)
+        return out
+    setattr(obj, name, call)
+
+
+@pytest.mark.parametrize("mode", ["inactive", "stream"])
+def test_update_waits_for_a_stalled_prefetch(mode):
+    """Catches a missing ``event.wait`` in ``StateOffloader.wait``: the update would read NaN."""
+    def setup(opt):
+        _poison_prefetch_targets(opt)
+        _wrap(opt._offloader, "prefetch", before=lambda unit, states: _stall(opt._offloader._to_device))
+    ref = _big_run(None)
+    _assert_same_run(ref, _big_run(mode, setup=setup))
+
+
+def test_prefetch_waits_for_compute_before_copying_into_fresh_memory():
+    """Catches a missing ``_to_device.wait_stream(compute)``: the copy would land before the NaN fill
+    queued behind the stalled compute stream, and the update would read NaN."""
+    def setup(opt):
+        _poison_prefetch_targets(opt)
+        _wrap(opt._offloader, "prefetch", before=lambda unit, states: _stall())
+    ref = _big_run(None)
+    _assert_same_run(ref, _big_run("inactive", setup=setup))
+
+
+class _StalledAdamW(torch.optim.AdamW):
+    """AdamW whose update starts late on the compute stream."""
+
+    def step(self, closure=None):
+        _stall()
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("mode", ["inactive", "stream"])
+def test_write_back_waits_for_a_stalled_update(mode):
+    """Catches a missing ``_to_host.wait_stream(compute)``: the write-back would copy the moments from
+    before the update, and the block would come back with them."""
+    def base(params):
+        return _StalledAdamW(params, lr=1e-3)
+    ref = _big_run(None, base=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    _assert_same_run(ref, _big_run(mode, base=base))
+
+
+def test_write_back_source_is_not_reused_before_its_stalled_copy_reads_it():
+    """Catches a missing ``v.record_stream(_to_host)``: right after a write-back is issued (its copy
+    stalled), compute allocates tensors of the same sizes and fills them with NaN; without
+    record_stream they would take the memory the copy has not read yet."""
+    def setup(opt):
+        off = opt._offloader
+        real_offload = off.offload
+
+        def offload(unit, states):
+            states = list(states)
+            like = [(v.shape, v.dtype) for _, st in states for v in st.values() if v.dim() > 0 and v.is_cuda]
+            _stall(off._to_host)
+            real_offload(unit, states)
+            # Take every free block of these sizes on the compute stream, and overwrite it.
+            decoys = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in like * 2]
+            del decoys
+        off.offload = offload
+    ref = _big_run(None)
+    _assert_same_run(ref, _big_run("inactive", setup=setup))
+
+
+def test_prefetch_waits_for_the_stalled_write_back_of_the_same_block():
+    """Catches a missing wait on the block's write-back before its prefetch: with ``switch_every=1``
+    in "stream", a block written back in one step is the first of the next, prefetched at the end of
+    the step from host buffers the stalled write-back has not filled yet."""
+    def setup(opt):
+        _wrap(opt._offloader, "offload", before=lambda unit, states: _stall(opt._offloader._to_host))
+    ref = _big_run(None, switch_every=1, active_layers=1, blocks=2)
+    _assert_same_run(ref, _big_run("stream", setup=setup, switch_every=1, active_layers=1, blocks=2))
+
+
+def test_write_back_waits_for_the_stalled_prefetch_of_the_same_block():
+    """Catches a missing wait on the block's prefetch before its write-back (no update in between, as
+    when a failed step's placement is put back): the write-back would copy the NaN target into the
+    very host buffers the stalled prefetch reads."""
+    from grass_optim.offload import StateOffloader
+    off = StateOffloader(torch.device("cuda"))
+    off._empty_on_device = lambda like: torch.full_like(like, float("nan"), device="cuda")
+    p = torch.zeros(BIG, BIG, device="cuda")
+    value = torch.randn(BIG, BIG, device="cuda")
+    st = {"exp_avg": value.clone()}
+    off.offload(0, [(p, st)])
+    _stall(off._to_device)
+    off.prefetch(0, [(p, st)])
+    off.offload(0, [(p, st)])
+    off.synchronize()
+    assert torch.equal(st["exp_avg"], value.cpu())
+
+
+def test_prefetch_target_dropped_with_its_copy_in_flight_is_not_reused():
+    """Catches a missing ``d.record_stream(_to_device)``: the optimizer is deleted while a stalled
+    prefetch is in flight; tensors compute then allocates and fills must not be overwritten by it."""
+    import gc
+    model, opt = _big_run("inactive", steps=8, switch_every=1)
+    parked = [i for i in range(opt.num_layers) if i not in opt._resident() and opt._block_states(i)]
+    assert parked, "no parked block with state to prefetch"
+    off = opt._offloader
+    _stall(off._to_device)
+    off.prefetch(parked[0], opt._block_states(parked[0]))  # as a redraw would, at the end of a step
+    shapes = [(v.shape, v.dtype) for _, st in opt._block_states(parked[0]) for v in st.values() if v.dim() > 0]
+    assert shapes and all(v.is_cuda for _, st in opt._block_states(parked[0]) for v in st.values() if v.dim() > 0)
+    del opt, off
+    gc.collect()
+    decoys = [torch.full(shape, 7.0, dtype=dtype, device="cuda") for shape, dtype in shapes * 2]
+    torch.cuda.synchronize()
+    assert all(bool((d == 7.0).all()) for d in decoys), "a copy wrote into memory handed to compute"
+
+
+class _CountingEvent(torch.Event):
+    synchronized = 0
+
+    def synchronize(self):
+        _CountingEvent.synchronized += 1
+        return super().synchronize()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("mode", ["inactive", "stream"])
+def test_no_event_synchronisation_in_steps_across_redraws(monkeypatch, mode, overlap):
+    """Steps wait on events on the device, never on the host, across redraws that move state (the
+    sync-debug test above cannot see an event synchronisation); ``offload_overlap=False`` included.
+    After every block's host buffers exist, no step allocates pinned memory either."""
+    monkeypatch.setattr(torch, "Event", _CountingEvent)
+    torch.manual_seed(0)
+    model = WideNet().cuda()
+    opt = GrassAdamW(model, active_layers=2, switch_every=2, probe_steps=0, offload=mode, offload_overlap=overlap,
+                     seed=0)
+    data = _data(120)
+    n = 0
+    while len({pid for pid, _ in opt._offloader._host}) < sum(1 for _ in model.layers.parameters()):
+        assert n < 100, "every block should have been parked by now"
+        x, y = data[n]
+        n += 1
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    buffers = dict(opt._offloader._host)
+    moved = opt.memory_report().bytes_to_host
+    _CountingEvent.synchronized = 0
+    for x, y in data[n:n + 8]:
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    assert _CountingEvent.synchronized == 0
+    assert opt.memory_report().bytes_to_host > moved  # redraws moved state
+    assert opt._offloader._host == buffers  # no new pinned buffer
+
+
+# ----------------------------------------------------------------------------- failures and moves
+def test_a_stream_step_that_runs_out_of_memory_mid_update_then_retried_matches_an_uninterrupted_run():
+    """The base raises on the second active block (the outside and the first are updated, the first
+    written back, the second prefetched): the retry skips what was applied, and no update ever sees
+    host state (that would be a device mismatch here)."""
+    class Failing(torch.optim.AdamW):
+        armed = False
+
+        def step(self, closure=None):
+            if Failing.armed and len({g["grass_block"] for g in self.param_groups} - {None}) == 1 \
+                    and self.param_groups[0]["grass_block"] == max(opt.active_layer_indices):
+                Failing.armed = False
+                raise torch.OutOfMemoryError("injected")
+            return super().step(closure)
+
+    ref = _big_run(None, steps=6, active_layers=3)
+    torch.manual_seed(0)
+    model = BigNet().cuda()
+    opt = GrassAdamW(model, Failing(model.parameters(), lr=1e-3), active_layers=3, switch_every=2, probe_steps=0,
+                     seed=0, offload="stream")
+    for i, (x, y) in enumerate(_big_data(6)):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        if i == 3:
+            Failing.armed = True
+            with pytest.raises(torch.OutOfMemoryError):
+                opt.step()
+        opt.step()
+    opt.synchronize()
+    _assert_same_run(ref, (model, opt))
+
+
+@pytest.mark.parametrize("mode", [None, "inactive", "stream"])
+def test_built_on_cpu_moved_to_cuda_then_loaded_resumes_exactly(mode):
+    """Accelerate's order: the optimizer is built on the CPU model, prepare() moves the model, then
+    load_state() loads a checkpoint: the loaded state goes to the device (or pinned buffers)."""
+    data = _data(12)
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    ref = WideNet().cuda()
+    ref_opt = GrassAdamW(ref, active_layers=2, switch_every=3, probe_steps=2, offload=mode, seed=0)
+    train(ref, ref_opt, data[:6])
+    saved = {"model": ref.state_dict(), "opt": ref_opt.state_dict()}
+    train(ref, ref_opt, data[6:])
+    model = WideNet()
+    opt = GrassAdamW(model, active_layers=2, switch_every=3, probe_steps=2, offload=mode, seed=5)
+    model.cuda()
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    train(model, opt, data[6:])
+    torch.cuda.synchronize()
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.schedule.device.type == "cuda"
+
+
+def test_pinned_bytes_are_what_the_pinned_allocator_holds():
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if stats is None or empty is None:
+        pytest.skip("this torch has no host_memory_stats / _host_emptyCache")
+    torch.cuda.synchronize()
+    empty()
+    before = stats().get("allocated_bytes.current", 0)
+    model, opt = _big_run("inactive", steps=6, blocks=3)
+    torch.cuda.synchronize()
+    empty()  # pinned blocks freed meanwhile (small index copies) go back: only live buffers remain
+    held = stats().get("allocated_bytes.current", 0) - before
+    report = opt.memory_report()
+    assert report.pinned_bytes == held
+    assert report.pinned_bytes >= report.host_buffer_bytes
+
