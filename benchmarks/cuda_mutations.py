@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import datetime as _dt
 import hashlib
 import json
@@ -43,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
@@ -315,6 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per pytest run (default 60)")
     p.add_argument("--budget", type=float, default=110.0,
                    help="seconds for everything; later mutations are reported 'not run: budget' (default 110)")
+    p.add_argument("--jobs", type=int, default=1, help="mutations run at once, each in its own process (default 1)")
     p.add_argument("--expect-cuda", choices=("auto", "yes", "no"), default="auto",
                    help="whether a skipped test is a failure: yes (it is), no (it is not), auto (ask torch, "
                         "in a subprocess, when a test was skipped)")
@@ -457,6 +460,39 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
             result["cuda"] = args.expect_cuda == "yes"
         save()
 
+        lock = threading.Lock()
+
+        def run_one(k: int, m: Mutation) -> None:
+            copy = copy_checkout(args.root, tmp / f"m{k}")
+            problem = apply_mutation(copy, m)
+            if problem:  # cannot happen after the probe above, unless the checkout changed meanwhile
+                m.status = problem
+            else:
+                limit = min(left(), args.timeout)
+                run = run_pytest(args.python, copy, args.root, args.test_file, [m.test], limit, stop_first=True)
+                m.seconds, m.pytest_rc, m.output_tail = round(run.seconds, 1), run.rc, run.tail
+                outcome = node_outcome(run, m.test)
+                if run.rc is None:
+                    m.status = ("not run: budget (stopped)" if limit < args.timeout
+                                else f"error: timed out after {args.timeout:.0f} s")
+                elif run.rc == 1:
+                    m.status = "caught"
+                elif run.rc == 0 and outcome == "passes":
+                    m.status = "NOT caught"
+                elif run.rc == 0 and outcome == "skipped":
+                    m.status = "skipped"
+                else:
+                    m.status = f"error: pytest exit {run.rc}, test {outcome}"
+            shutil.rmtree(copy, ignore_errors=True)
+            finish(k, m)
+
+        def finish(k: int, m: Mutation) -> None:
+            with lock:
+                m.ok = m.status == "caught" or (m.status == "skipped" and not result["cuda"])
+                print(f"[{k}/{len(mutations)}] {m.label}: {m.status}", flush=True)
+                save()
+
+        to_run = []
         for k, m in enumerate(mutations, 1):
             if m.status != "pending":
                 pass
@@ -469,30 +505,14 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
             elif left() <= 5:
                 m.status = "not run: budget"
             else:
-                copy = copy_checkout(args.root, tmp / f"m{k}")
-                problem = apply_mutation(copy, m)
-                if problem:  # cannot happen after the probe above, unless the checkout changed meanwhile
-                    m.status = problem
-                else:
-                    limit = min(left(), args.timeout)
-                    run = run_pytest(args.python, copy, args.root, args.test_file, [m.test], limit, stop_first=True)
-                    m.seconds, m.pytest_rc, m.output_tail = round(run.seconds, 1), run.rc, run.tail
-                    outcome = node_outcome(run, m.test)
-                    if run.rc is None:
-                        m.status = ("not run: budget (stopped)" if limit < args.timeout
-                                    else f"error: timed out after {args.timeout:.0f} s")
-                    elif run.rc == 1:
-                        m.status = "caught"
-                    elif run.rc == 0 and outcome == "passes":
-                        m.status = "NOT caught"
-                    elif run.rc == 0 and outcome == "skipped":
-                        m.status = "skipped"
-                    else:
-                        m.status = f"error: pytest exit {run.rc}, test {outcome}"
-                shutil.rmtree(copy, ignore_errors=True)
-            m.ok = m.status == "caught" or (m.status == "skipped" and not result["cuda"])
-            print(f"[{k}/{len(mutations)}] {m.label}: {m.status}", flush=True)
-            save()
+                to_run.append((k, m))
+                continue
+            finish(k, m)
+        # Mutations run side by side (--jobs): each in its own copy and process, so one's stalls and
+        # allocations cannot hide another's missing wait; the device has room for several.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for future in [pool.submit(run_one, k, m) for k, m in to_run]:
+                future.result()
 
     result["ok"] = all(m.ok for m in mutations)
     save(final=True)

@@ -35,7 +35,7 @@ export PYTHONDONTWRITEBYTECODE=1
 ENV_TIMEOUT=30        # versions and devices (imports torch)
 SMI_TIMEOUT=10        # nvidia-smi
 TESTS_TIMEOUT=140     # pytest -m cuda tests/test_cuda.py
-MUTATIONS_TIMEOUT=110 # benchmarks/cuda_mutations.py, which stops itself after --budget 100
+MUTATIONS_TIMEOUT=110 # benchmarks/cuda_mutations.py (4 at once), which stops itself after --budget 100
 BENCH_TIMEOUT=220     # benchmarks/offload.py
 SUMMARY_TIMEOUT=10    # gpu_check.json
 KILL_AFTER=3
@@ -163,7 +163,7 @@ EOF
 
     section "mutations: benchmarks/cuda_mutations.py (limit ${MUTATIONS_TIMEOUT}s)"
     t=$SECONDS
-    with_timeout "$MUTATIONS_TIMEOUT" "$PY" benchmarks/cuda_mutations.py --budget 100 --timeout 60 \
+    with_timeout "$MUTATIONS_TIMEOUT" "$PY" benchmarks/cuda_mutations.py --budget 100 --timeout 60 --jobs 4 \
         --expect-cuda "$expect_cuda" --python "$PY" --out "$OUT_DIR/cuda_mutations.json"
     mut_rc=$?
     export GC_MUT_RC="$mut_rc" GC_MUT_S=$((SECONDS - t))

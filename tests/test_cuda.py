@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from grass_optim import GrassAdamW
+from tests.helpers import round_trip
 
 pytestmark = [
     pytest.mark.cuda,
@@ -239,6 +240,7 @@ MUTATIONS = [
     ("test_prefetch_waits_for_compute_before_copying_into_fresh_memory", "grass_optim/offload.py",
      "self._to_device.wait_stream("),
     ("test_write_back_waits_for_a_stalled_update", "grass_optim/offload.py", "self._to_host.wait_stream("),
+    ("test_write_back_waits_for_compute_at_a_redraw", "grass_optim/offload.py", "self._to_host.wait_stream("),
     ("test_write_back_source_is_not_reused_before_its_stalled_copy_reads_it", "grass_optim/offload.py",
      "v.record_stream(self._to_host)"),
     ("test_prefetch_waits_for_the_stalled_write_back_of_the_same_block", "grass_optim/offload.py",
@@ -250,7 +252,7 @@ MUTATIONS = [
 ]
 
 BIG = 4096  # Linear(BIG, BIG): 64 MiB of fp32 weights, 128 MiB of AdamW state per block
-STALL = 100_000_000  # cycles of torch.cuda._sleep: tens of milliseconds, far longer than any copy here
+STALL = 400_000_000  # cycles of torch.cuda._sleep: ~0.2 s, far longer than any copy or step here
 
 
 class BigNet(nn.Module):
@@ -328,24 +330,47 @@ def _wrap(obj, name, before=None, after=None):
     setattr(obj, name, call)
 
 
+def _count_moving_prefetches(opt, moved):
+    """Record, for every prefetch that moves something, the step it happens in."""
+    off = opt._offloader
+    real = off.prefetch
+
+    def prefetch(unit, states):
+        before = off.bytes_to_device
+        real(unit, states)
+        if off.bytes_to_device > before:
+            moved.append(opt.num_steps)
+    off.prefetch = prefetch
+
+
 @pytest.mark.parametrize("mode", ["inactive", "stream"])
 def test_update_waits_for_a_stalled_prefetch(mode):
     """Catches a missing ``event.wait`` in ``StateOffloader.wait``: the update would read NaN."""
+    moved = []
+
     def setup(opt):
         _poison_prefetch_targets(opt)
         _wrap(opt._offloader, "prefetch", before=lambda unit, states: _stall(opt._offloader._to_device))
-    ref = _big_run(None)
-    _assert_same_run(ref, _big_run(mode, setup=setup))
+        _count_moving_prefetches(opt, moved)
+    ref = _big_run(None, switch_every=1)
+    run = _big_run(mode, setup=setup, switch_every=1)
+    assert sum(1 for step in moved if step < 8) >= 2, moved  # prefetches that an update then reads
+    _assert_same_run(ref, run)
 
 
 def test_prefetch_waits_for_compute_before_copying_into_fresh_memory():
     """Catches a missing ``_to_device.wait_stream(compute)``: the copy would land before the NaN fill
     queued behind the stalled compute stream, and the update would read NaN."""
+    moved = []
+
     def setup(opt):
         _poison_prefetch_targets(opt)
         _wrap(opt._offloader, "prefetch", before=lambda unit, states: _stall())
-    ref = _big_run(None)
-    _assert_same_run(ref, _big_run("inactive", setup=setup))
+        _count_moving_prefetches(opt, moved)
+    ref = _big_run(None, switch_every=1)
+    run = _big_run("inactive", setup=setup, switch_every=1)
+    assert sum(1 for step in moved if step < 8) >= 2, moved
+    _assert_same_run(ref, run)
 
 
 class _StalledAdamW(torch.optim.AdamW):
@@ -356,14 +381,37 @@ class _StalledAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-@pytest.mark.parametrize("mode", ["inactive", "stream"])
-def test_write_back_waits_for_a_stalled_update(mode):
-    """Catches a missing ``_to_host.wait_stream(compute)``: the write-back would copy the moments from
-    before the update, and the block would come back with them."""
+def test_write_back_waits_for_a_stalled_update():
+    """Catches a missing ``_to_host.wait_stream(compute)`` in "stream", where each block is written
+    back right after its (stalled) update: the write-back would copy the moments from before it."""
     def base(params):
         return _StalledAdamW(params, lr=1e-3)
     ref = _big_run(None, base=lambda params: torch.optim.AdamW(params, lr=1e-3))
-    _assert_same_run(ref, _big_run(mode, base=base))
+    _assert_same_run(ref, _big_run("stream", base=base))
+
+
+def test_write_back_waits_for_compute_at_a_redraw():
+    """The same rule in "inactive", where write-backs happen at a redraw, after the host already
+    waited for the device (reading the scores): so the hazard is made after that wait. Before each
+    write-back, compute overwrites the block's state with NaN (the host waits for that), then,
+    behind a stall, puts the values back; a write-back that does not wait for compute copies NaN."""
+    def setup(opt):
+        off = opt._offloader
+        real = off.offload
+
+        def offload(unit, states):
+            states = list(states)
+            held = [(v, v.clone()) for _, st in states for v in st.values() if v.dim() > 0 and v.is_cuda]
+            for v, _ in held:
+                v.fill_(float("nan"))
+            torch.cuda.current_stream().synchronize()  # the NaN is in place
+            _stall()
+            for v, saved in held:
+                v.copy_(saved)  # queued behind the stall on the compute stream
+            real(unit, states)
+        off.offload = offload
+    ref = _big_run(None, switch_every=1)
+    _assert_same_run(ref, _big_run("inactive", setup=setup, switch_every=1))
 
 
 def test_write_back_source_is_not_reused_before_its_stalled_copy_reads_it():
@@ -376,11 +424,20 @@ def test_write_back_source_is_not_reused_before_its_stalled_copy_reads_it():
 
         def offload(unit, states):
             states = list(states)
-            like = [(v.shape, v.dtype) for _, st in states for v in st.values() if v.dim() > 0 and v.is_cuda]
+            sources = [v for _, st in states for v in st.values() if v.dim() > 0 and v.is_cuda]
+            pointers = {v.data_ptr() for v in sources}
+            like = [(v.shape, v.dtype) for v in sources]
+            del sources
             _stall(off._to_host)
             real_offload(unit, states)
-            # Take every free block of these sizes on the compute stream, and overwrite it.
-            decoys = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in like * 2]
+            # Take free blocks of these sizes on the compute stream, and overwrite them, until the
+            # sources' memory has been handed out (without record_stream it is free at once) or 32
+            # rounds show it is not.
+            decoys: list[torch.Tensor] = []
+            for _ in range(32):
+                decoys += [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in like]
+                if pointers <= {d.data_ptr() for d in decoys}:
+                    break
             del decoys
         off.offload = offload
     ref = _big_run(None)
@@ -522,7 +579,7 @@ def test_built_on_cpu_moved_to_cuda_then_loaded_resumes_exactly(mode):
     ref = WideNet().cuda()
     ref_opt = GrassAdamW(ref, active_layers=2, switch_every=3, probe_steps=2, offload=mode, seed=0)
     train(ref, ref_opt, data[:6])
-    saved = {"model": ref.state_dict(), "opt": ref_opt.state_dict()}
+    saved = round_trip({"model": ref.state_dict(), "opt": ref_opt.state_dict()})  # a copy, as a file would be
     train(ref, ref_opt, data[6:])
     model = WideNet()
     opt = GrassAdamW(model, active_layers=2, switch_every=3, probe_steps=2, offload=mode, seed=5)
@@ -541,6 +598,8 @@ def test_pinned_bytes_are_what_the_pinned_allocator_holds():
     empty = getattr(torch._C, "_host_emptyCache", None)
     if stats is None or empty is None:
         pytest.skip("this torch has no host_memory_stats / _host_emptyCache")
+    import gc
+    gc.collect()  # offloaders of earlier tests held in reference cycles give their pinned slabs back now
     torch.cuda.synchronize()
     empty()
     before = stats().get("allocated_bytes.current", 0)

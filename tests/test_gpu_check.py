@@ -199,7 +199,8 @@ def _run(runner, root: Path, *extra: str) -> tuple[int, dict]:
     return rc, json.loads(out.read_text())
 
 
-def test_runner_classifies_caught_not_caught_and_invalid(runner, tmp_path, capsys):
+@pytest.mark.parametrize("jobs", ["1", "3"])
+def test_runner_classifies_caught_not_caught_and_invalid(runner, tmp_path, capsys, jobs):
     root = _project(tmp_path, [
         ("test_add", "mod.py", "total = a + b"),  # removing it breaks add: caught
         ("test_scale", "mod.py", "unused = x"),  # nothing notices: NOT caught
@@ -212,7 +213,7 @@ def test_runner_classifies_caught_not_caught_and_invalid(runner, tmp_path, capsy
         ("test_skipped", "mod.py", "total = a + b"),  # skipped (fine: no CUDA expected)
     ])
     before = (root / "mod.py").read_text()
-    rc, result = _run(runner, root, "--expect-cuda", "no")
+    rc, result = _run(runner, root, "--expect-cuda", "no", "--jobs", jobs)  # 3: side by side, same outcome
     assert rc == 1
     assert result["ok"] is False
     status = [m["status"] for m in result["mutations"]]

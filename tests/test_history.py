@@ -124,3 +124,24 @@ def test_history_is_bounded_in_memory_and_in_checkpoints():
 def test_history_limit_is_checked():
     with pytest.raises(ValueError, match=r"Invalid history_limit: 0 \(expected an int >= 1\)"):
         GrassAdamW(scenario_model(), history_limit=0)
+
+
+def test_resolving_finished_copy_timings_never_waits_on_an_event():
+    """The timings of copies that have finished are read without Event.synchronize (step() resolves
+    them as they finish, and promises no event synchronisation)."""
+    from grass_optim.offload import resolve_timings, timings_ready
+
+    class Finished:
+        def query(self):
+            return True
+
+        def synchronize(self):
+            raise AssertionError("waited on a finished copy")
+
+    class Start:
+        def elapsed_time(self, end):
+            return 1.5
+
+    raw = [("to_host", 8, Start(), Finished())]
+    assert timings_ready(raw)
+    assert resolve_timings(raw) == [{"direction": "to_host", "bytes": 8, "ms": 1.5}]
