@@ -1,8 +1,9 @@
 """Measuring: each optimizer step, the sampler's signal for every block that got gradients.
 
 The signal (``sampler.signal``, see :mod:`grass_optim.sampling`) is ``"rms"`` (gradient RMS),
-``"l1"`` (``||g||_1``) or ``"gain"`` (``<g, theta_before - theta_after>`` over the update). It
-reaches :meth:`Schedule.record <grass_optim.schedule.Schedule.record>` three ways:
+``"l1"`` (``||g||_1``) or ``"gain"`` (``<g, theta_before - theta_after>`` over the update). It is
+measured three ways, and handed as ``(values, hits)`` to :meth:`Schedule.advance
+<grass_optim.schedule.Schedule.advance>`, which records it when the step is counted:
 
 * from the gradients ``step()`` sees: one batched reduction over the gradients of the blocks that
   keep them (the active set while training);

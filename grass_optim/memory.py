@@ -147,7 +147,7 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
         return p.numel() * p.element_size()
 
     def state(p: torch.Tensor) -> int:
-        item = p.element_size() if state_dtype is None else torch.empty((), dtype=state_dtype).element_size()
+        item = p.element_size() if state_dtype is None else state_dtype.itemsize
         return state_tensors_per_param * p.numel() * item
 
     weights = sum(size(p) for p in {id(p): p for p in model.parameters()}.values())

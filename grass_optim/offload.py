@@ -243,7 +243,7 @@ class HostPool:
 
     def take(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor | None:
         """A new host buffer of this shape and dtype (uninitialised; None when only counting)."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.max_slab:
             self.reserved_bytes += pinned_size(nbytes) if self.pinned else nbytes
             if not self.allocate:

@@ -459,11 +459,20 @@ class GrassAdamW(Optimizer):
         if self._offloader is not None and self._offloader.host_buffer_bytes:
             raise RuntimeError(f"GrassAdamW: the model moved from {self.schedule.device} to {device} after "
                                "optimizer state was offloaded; build the optimizer after moving the model")
-        self.schedule.to(device)
-        if self._offloader is not None:
+        self._move_schedule()
+        self._renew_offloader()
+
+    def _move_schedule(self) -> None:
+        """The schedule's per-step buffers (and what points at them) to the blocks' device."""
+        if self._freezer.device != self.schedule.device:
+            self.schedule.to(self._freezer.device)
+            self._measurer.moved(self.schedule)
+
+    def _renew_offloader(self) -> None:
+        """A new offloader for the schedule's device, once no state lives in the old one's buffers."""
+        if self._offloader is not None and self._offloader.device != self.schedule.device:
             self._offloader = self._new_offloader()
             self._history.restart_copy_counts()
-        self._measurer.moved(self.schedule)
 
     # ------------------------------------------------------------------ where states live
     def synchronize(self) -> None:
@@ -543,9 +552,7 @@ class GrassAdamW(Optimizer):
         entry = ckpt.grass_entry(state_dict)
         # The model may have moved since this optimizer was built (Accelerate's prepare(), then
         # load_state()): the checked values go to where the blocks are now.
-        if self._freezer.device != self.schedule.device:
-            self.schedule.to(self._freezer.device)
-            self._measurer.moved(self.schedule)
+        self._move_schedule()
         values = self.schedule.check_state_dict(entry)  # raises before anything changes
         progress = ckpt.check_progress(entry, values["step"], self.num_layers)
         changed = self.schedule.changed_settings(entry)
@@ -566,10 +573,7 @@ class GrassAdamW(Optimizer):
     def _load_state_dict_post_hook(self, _opt: Optimizer) -> None:
         assert self._pending_load is not None
         (values, events, steps, dropped, parked, progress), self._pending_load = self._pending_load, None
-        if self._offloader is not None and self._offloader.device != self.schedule.device:
-            # Every state was just replaced: the old device's host buffers are no longer referenced.
-            self._offloader = self._new_offloader()
-            self._history.restart_copy_counts()
+        self._renew_offloader()  # every state was just replaced: the old device's buffers are unused
         self._progress, self._placement_dirty = progress, False
         # Optimizer.load_state_dict gave this optimizer new state and groups: hand them to the base
         # through its own __setstate__ (which fills in its defaults for older checkpoints), share again.

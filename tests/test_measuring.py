@@ -120,17 +120,22 @@ def test_static_sampler_keeps_the_probing_scores():
     assert torch.equal(opt.importance, probed)
 
 
-def test_grad_scaler_works_while_probing_and_after():
-    model = make_net()
-    opt = GrassAdamW(model, probe_steps=2, active_layers=1, switch_every=2, seed=0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    for x, y in batches(6):
+def _train_amp(model, opt, scaler, data):
+    """bf16 autocast, a GradScaler around backward and step."""
+    for x, y in data:
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_fn(model, x, y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+
+
+def test_grad_scaler_works_while_probing_and_after():
+    model = make_net()
+    opt = GrassAdamW(model, probe_steps=2, active_layers=1, switch_every=2, seed=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _train_amp(model, opt, scaler, batches(6))
     assert opt.num_steps == 6 and torch.isfinite(opt.importance).all()
 
 
@@ -236,13 +241,7 @@ def test_refresh_all_scores_with_a_grad_scaler_equal_the_unscaled_run():
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6, enabled=scaler_on)
         opt = GrassAdamW(model, lr=1e-2, sampler=rec, active_layers=1, switch_every=3, probe_steps=0,
                          refresh_all=True, seed=0, grad_scaler=scaler if scaler_on else None)
-        for x, y in batches(9):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = loss_fn(model, x, y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        _train_amp(model, opt, scaler, batches(9))
         return rec.calls
 
     for (got, measured), (want, _) in zip(run(True), run(False), strict=True):
