@@ -213,8 +213,10 @@ def _hook(sum_view: Tensor, hit_view: Tensor, ord: int) -> Callable[[Tensor], No
     """Post-accumulate-grad hook: add the gradient's partial sum to its block's, free the gradient.
 
     Closes over two 0-d views into the schedule's per-block sums (not over the optimizer), so a
-    forgotten hook cannot keep the optimizer alive.
+    forgotten hook cannot keep the optimizer alive. Eager even when backward runs under
+    ``torch.compile``: traced, its in-place adds to those views were dropped (scores of 0).
     """
+    @torch.compiler.disable
     def hook(param: Tensor) -> None:
         grad = param.grad
         if grad is None:

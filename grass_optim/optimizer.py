@@ -351,7 +351,18 @@ class GrassAdamW(Optimizer):
         the scores and redraw the active set when due. Returns ``closure()``'s loss, if given.
 
         The base optimizer steps once (its step hooks fire once) in every offload mode, and not at
-        all while probing."""
+        all while probing. Inside ``torch.compile`` the step is a graph break: it runs eagerly, as
+        it would without compiling (``docs/guides/training_loop.md``)."""
+        return self._step(closure)
+
+    # Under torch.compile (of opt.step, or of a function doing forward, backward and step) the step
+    # always runs eagerly, behind a graph break: traced, GRASS's bookkeeping (Python ints and lists,
+    # the generator, hook sums written by backward, requires_grad) would be specialised into guards
+    # or constants, and the traced step silently trains something else than the eager one. (Not on
+    # step() itself: torch.optim's hook wrapper copies the "disabled" mark, which torch 2.7 then
+    # resolves to the unbound function.)
+    @torch.compiler.disable
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -397,6 +408,10 @@ class GrassAdamW(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._zero_grad(set_to_none)
+
+    @torch.compiler.disable  # eager, as _step() and for the same reasons
+    def _zero_grad(self, set_to_none: bool) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         # The probing sums belong to the gradients just cleared: a step that a GradScaler skipped
         # (it never called step()) must not leave them to the next one.
