@@ -8,6 +8,8 @@ records its block under :data:`GROUP_BLOCK`), and steps it over every group or, 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
@@ -22,7 +24,7 @@ from . import config as C
 from .freezing import is_trainable
 from .layers import LayerPartition
 
-__all__ = ["GROUP_BLOCK", "build_base_optimizer", "step_hooks_once", "step_groups_of"]
+__all__ = ["GROUP_BLOCK", "build_base_optimizer", "check_optimizer_kwargs", "step_hooks_once", "step_groups_of"]
 
 # Param-group key: block index of the group, or None for parameters outside the blocks. It lives in
 # the base optimizer's groups, so it is checkpointed with them.
@@ -95,6 +97,30 @@ def build_base_optimizer(model: nn.Module, base: Any, partition: LayerPartition,
         return base
     raise TypeError(f"Invalid base_optimizer: {base!r} (expected None, a torch.optim.Optimizer "
                     "subclass, or an instance of one built over the model's parameters)")
+
+
+def check_optimizer_kwargs(base: Any, optimizer_kwargs: dict[str, Any], grass_names: Sequence[str]) -> None:
+    """Refuse a keyword that neither GrassAdamW nor the base optimizer takes, naming the closest of
+    both (``activ_layers=`` is a misspelled GRASS setting, not the base optimizer's problem).
+
+    Keywords GrassAdamW does not know go to the base optimizer; a class that takes ``**kwargs`` is
+    trusted to check its own.
+    """
+    cls = torch.optim.AdamW if base is None else base if isinstance(base, type) else type(base)
+    params = inspect.signature(cls.__init__).parameters
+    if not isinstance(base, Optimizer) and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    taken = [] if isinstance(base, Optimizer) else [n for n in params if n not in ("self", "params")]
+    for name in optimizer_kwargs:
+        if name in taken:
+            continue
+        close = difflib.get_close_matches(name, [*grass_names, *taken], n=1, cutoff=0.75)
+        if not close and isinstance(base, Optimizer):
+            continue  # build_base_optimizer says why an instance takes no hyperparameters
+        hint = f"did you mean {close[0]}?" if close else (
+            f"GrassAdamW takes {', '.join(grass_names)}; {cls.__name__} takes {', '.join(taken)}")
+        raise TypeError(f"Invalid argument {name}={optimizer_kwargs[name]!r}: neither a GrassAdamW setting nor an "
+                        f"argument of base_optimizer={cls.__name__} ({hint})")
 
 
 def _check_active_layers(groups: list[dict[str, Any]], partition: LayerPartition, active_layers: int) -> None:

@@ -13,6 +13,7 @@ hooks) and calls, in order, the modules that own each concern; ``docs/architectu
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,7 @@ from . import checkpoint as ckpt
 from . import config as C
 from . import distributed as D
 from .freezing import BlockFreezer, is_trainable
-from .groups import build_base_optimizer, step_groups_of, step_hooks_once
+from .groups import build_base_optimizer, check_optimizer_kwargs, step_groups_of, step_hooks_once
 from .history import History
 from .layers import find_layers, warn_if_mostly_outside
 from .measuring import BlockMeasurer, check_grad_scaler
@@ -165,6 +166,7 @@ class GrassAdamW(Optimizer):
                 f"{type(model).__name__}; pass the module itself: GrassAdamW(model, ...), not "
                 "GrassAdamW(model.parameters()). To keep your own param groups, build an optimizer "
                 "and wrap it: GrassAdamW(model, base_optimizer=torch.optim.AdamW(groups, ...))")
+        check_optimizer_kwargs(base_optimizer, optimizer_kwargs, _GRASS_KWARGS)
         resolved = resolve_sampler(sampler, temperature=temperature, ema=ema, exploration=exploration)
         self.config = C.GrassConfig.build(
             active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
@@ -624,6 +626,11 @@ class GrassAdamW(Optimizer):
             self._optimizer_load_state_dict_pre_hooks.move_to_end(own["load_pre"].id)
             self._optimizer_load_state_dict_post_hooks.move_to_end(own["load_post"].id, last=False)
         return handle
+
+
+# GrassAdamW's own keyword arguments (those after the model and base_optimizer), for "did you mean".
+_GRASS_KWARGS = tuple(n for n, p in inspect.signature(GrassAdamW.__init__).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY)
 
 
 def _weak(method: Callable[..., Any]) -> Callable[..., Any]:
