@@ -106,11 +106,13 @@ def check_optimizer_kwargs(base: Any, optimizer_kwargs: dict[str, Any], grass_na
     Keywords GrassAdamW does not know go to the base optimizer; a class that takes ``**kwargs`` is
     trusted to check its own.
     """
-    cls = torch.optim.AdamW if base is None else base if isinstance(base, type) else type(base)
-    params = inspect.signature(cls.__init__).parameters
+    cls: type = torch.optim.AdamW if base is None else base if isinstance(base, type) else type(base)
+    if not issubclass(cls, Optimizer):
+        return  # build_base_optimizer says what base_optimizer may be
+    params = inspect.signature(cls).parameters
     if not isinstance(base, Optimizer) and any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
-    taken = [] if isinstance(base, Optimizer) else [n for n in params if n not in ("self", "params")]
+    taken = [] if isinstance(base, Optimizer) else [n for n in params if n != "params"]
     for name in optimizer_kwargs:
         if name in taken:
             continue
