@@ -228,6 +228,34 @@ def test_fsdp2_resume_with_distributed_checkpoint(pool, tmp_path):
         assert out["equal"], out["max_diff"]
 
 
+DCP_SAVE_AT = [(1, "zero_grad"), (4, "step"), (6, "backward")]  # probing, no state; right after a redraw; mid-window
+
+
+def test_fsdp2_save_and_load_checkpoint(pool, tmp_path):
+    """grass_optim.save_checkpoint/load_checkpoint on 2 ranks with FSDP2: a run that saves during probing
+    (no state, no gradients: where torch's helpers step), right after a redraw and between backward and
+    step is bit-identical to one that never saves; a fresh model and optimizer resumed from each save
+    ends bit-identical too, with state (DTensor shards) for exactly the parameters that had some; ranks
+    that disagree on the replicated state are refused at save."""
+    outs = pool.values("fsdp_dcp_helpers", tmpdir=str(tmp_path), steps=10, save_at=DCP_SAVE_AT)
+    for out in outs:
+        assert out["actives"] == out["ref_actives"]
+        assert torch.equal(out["rng"], out["ref_rng"])
+        assert out["with_state"] == out["ref_with_state"]
+        assert torch.equal(out["params"], out["reference"])
+        assert sorted(out["resumed"]) == sorted(f"{i}-{w}" for i, w in DCP_SAVE_AT)
+        assert out["saved_with_state"]["1-zero_grad"] == []
+        for key, resumed in out["resumed"].items():
+            assert resumed["with_state"] == out["saved_with_state"][key], key
+            assert resumed["step"] == int(key.split("-")[0]) + (key.endswith("step")), key
+            assert resumed["actives"] == out["ref_actives"][resumed["step"]:], key
+            assert torch.equal(resumed["params"], out["reference"]), key
+        assert "DTensor" in out["resumed"]["6-backward"]["state_types"]
+        assert out["disagree_error"] is not None and "ranks disagree on the optimizer's replicated state" in \
+            out["disagree_error"], out["disagree_error"]
+    assert outs[0]["saved_with_state"] == outs[1]["saved_with_state"]
+
+
 def test_fsdp2_dcp_helpers_on_grassadamw_itself(pool, tmp_path):
     """What docs/guides/fsdp2.md warns about, as torch 2.13 does it: get_optimizer_state_dict(model, opt)
     drops the "grass" entry, and calls opt.step() when there is neither state nor gradient (a probing
