@@ -30,7 +30,7 @@ import hashlib
 import io
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -84,9 +84,11 @@ def save_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, opt
 
 
 def load_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, optimizer: GrassAdamW, *,
-                    extra: Mapping[str, Any] | None = None) -> None:
-    """Load a :func:`save_checkpoint` into ``model``, ``optimizer`` and ``extra`` (loaded in place, as
-    ``dcp.load`` does), on every rank.
+                    extra: MutableMapping[str, Any] | None = None) -> None:
+    """Load a :func:`save_checkpoint` into ``model``, ``optimizer`` and ``extra``, on every rank.
+
+    ``extra`` is filled as ``dcp.load`` fills a state dict: its tensors in place, its ``Stateful``
+    objects through ``load_state_dict``, its other values (an int step) replaced by the saved ones.
 
     Everything is checked before anything changes: a checkpoint of another model (other parameter
     names or shapes, other blocks) or not written by :func:`save_checkpoint` raises ``ValueError``
@@ -97,7 +99,7 @@ def load_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, opt
 
     path = os.fspath(checkpoint_id)
     names = _param_names(model, optimizer)
-    extra = _check_extra(extra)
+    checked = _check_extra(extra)
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     blob_key = f"{OPTIM}.{BLOB}"
     if blob_key not in metadata:
@@ -144,10 +146,13 @@ def load_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, opt
               "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]],
               ckpt.GRASS: saved["grass"]}
     optimizer.load_state_dict(opt_sd)  # checks the "grass" entry before it changes anything
-    rest = {MODEL: model_sd, **extra}
+    rest = {MODEL: model_sd, **checked}
     with _single_process_ok():
         dcp.load(rest, checkpoint_id=path)
     _set_model_state_dict(model, rest[MODEL])
+    if extra is not None:
+        for k in checked:  # DCP replaces plain values (ints, strings) rather than loading them in place
+            extra[k] = rest[k]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -243,5 +248,5 @@ def _serialize(value: Any) -> bytes:
 def _single_process_ok() -> Iterator[None]:
     """DCP warns when there is no process group; a single process is a supported use here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
         yield

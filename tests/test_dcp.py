@@ -102,16 +102,17 @@ def test_extra_entries_round_trip_and_no_dcp_warning_in_one_process(tmp_path):
     counter = torch.tensor([7])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        save_checkpoint(tmp_path, model, opt, extra={"scheduler": sched, "counter": counter})
+        save_checkpoint(tmp_path, model, opt, extra={"scheduler": sched, "counter": counter, "step": 7})
 
     fresh = make_net(seed=5)
     fresh_opt = GrassAdamW(fresh, **KW)
     fresh_sched = torch.optim.lr_scheduler.CosineAnnealingLR(fresh_opt, T_max=20)
     fresh_counter = torch.tensor([0])
+    extra = {"scheduler": fresh_sched, "counter": fresh_counter, "step": 0}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_checkpoint(tmp_path, fresh, fresh_opt, extra={"scheduler": fresh_sched, "counter": fresh_counter})
-    assert fresh_counter.item() == 7
+        load_checkpoint(tmp_path, fresh, fresh_opt, extra=extra)
+    assert fresh_counter.item() == 7 and extra["step"] == 7 and extra["scheduler"] is fresh_sched
     assert fresh_sched.state_dict() == sched.state_dict()
     assert [g["lr"] for g in fresh_opt.param_groups] == [g["lr"] for g in opt.param_groups]
     assert_same_params(model, fresh)

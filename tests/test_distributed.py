@@ -303,4 +303,4 @@ def test_example_fsdp2_quick(tmp_path):
     assert len(losses) >= 2 and losses[-1] < losses[0], out
     assert re.search(r"resumed from .* at step \d+", out), out
     assert "resumed run matches the uninterrupted one: True" in out, out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # DCP
