@@ -565,9 +565,10 @@ def fsdp_dcp_probe(rank: int, world: int, *, tmpdir: str) -> dict[str, Any]:
 
 
 def fsdp_resume_dcp(rank: int, world: int, *, tmpdir: str, steps: int, stop: int) -> dict[str, Any]:
-    """The DCP recipe of docs/guides/fsdp2.md: DCP for the model and the *base* optimizer, the
-    replicated ``"grass"`` entry saved by rank 0 with ``torch.save``; resumed into a fresh model and
-    optimizer, compared with an uninterrupted run."""
+    """The manual DCP recipe (before ``grass_optim.save_checkpoint``; docs/guides/fsdp2.md mentions it):
+    DCP for the model and the *base* optimizer, the replicated ``"grass"`` entry saved by rank 0 with
+    ``torch.save``; saved after probing, resumed into a fresh model and optimizer, compared with an
+    uninterrupted run."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,

@@ -222,7 +222,8 @@ def test_fsdp2_resume_from_per_rank_torch_save(pool, tmp_path):
 
 
 def test_fsdp2_resume_with_distributed_checkpoint(pool, tmp_path):
-    """The DCP recipe of docs/guides/fsdp2.md (base optimizer through DCP, "grass" entry on the side)."""
+    """The manual DCP recipe (base optimizer through torch's helpers, "grass" entry on the side), exact
+    when saved after probing; save_checkpoint/load_checkpoint replace it (test below)."""
     for out in pool.values("fsdp_resume_dcp", tmpdir=str(tmp_path), steps=14, stop=6):
         assert out["resumed_step"] == 6
         assert out["equal"], out["max_diff"]
