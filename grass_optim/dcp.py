@@ -76,7 +76,7 @@ def save_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, opt
         same_on_all_ranks(digest, "the optimizer's replicated state (param groups, 'grass' entry) at save",
                           hint="Every rank must run the same GrassAdamW settings and steps.")
     blob = _serialize({"format": FORMAT, "param_groups": groups, "values": values,
-                       "tensors": {n: sorted(st) for n, st in tensors.items()}, "grass": grass})
+                       "keys": {names[i]: list(st) for i, st in sd["state"].items()}, "grass": grass})
     state = {MODEL: _model_state_dict(model), OPTIM: {"state": tensors, BLOB: blob}, **extra}
     with _single_process_ok():
         import torch.distributed.checkpoint as dcp
@@ -109,43 +109,20 @@ def load_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, opt
     for key, value in _flat_tensors(model_sd, MODEL):
         _check_meta(path, metadata, key, tuple(value.shape))
 
-    holder: dict[str, Any] = {OPTIM: {BLOB: b""}}
+    saved = _read_shared(path)
+    _check_groups(path, names, optimizer, saved["param_groups"])
+    param_of = {names[i]: p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    tensors = {n: {k: _like(param_of[n], _check_meta(path, metadata, f"{OPTIM}.state.{n}.{k}", None))
+                   for k in keys if k not in saved["values"].get(n, {})} for n, keys in saved["keys"].items()}
     with _single_process_ok():
-        dcp.load(holder, checkpoint_id=path)
-    saved = torch.load(io.BytesIO(holder[OPTIM][BLOB]), map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise ValueError(f"Invalid checkpoint {path!r}: {blob_key!r} has format "
-                         f"{saved.get('format') if isinstance(saved, dict) else None!r} (this grass_optim reads "
-                         f"{FORMAT})")
-    flat = [p for g in optimizer.param_groups for p in g["params"]]
-    mine, start = [], 0
-    for g in optimizer.param_groups:
-        mine.append([names[i] for i in range(start, start + len(g["params"]))])
-        start += len(g["params"])
-    theirs = [list(g["params"]) for g in saved["param_groups"]]
-    if mine != theirs:
-        diff = next((f"group {k}: saved {t[:2]}..., this optimizer {m[:2]}..." for k, (m, t) in
-                     enumerate(zip(mine, theirs, strict=False)) if m != t), None)
-        raise ValueError(f"Invalid checkpoint {path!r}: saved for an optimizer with {len(theirs)} param groups of "
-                         f"{[len(t) for t in theirs]} parameters, this one has {len(mine)} groups of "
-                         f"{[len(m) for m in mine]}" + (f" ({diff})" if diff else ""))
-    param_of = {names[i]: p for i, p in enumerate(flat)}
-    tensors: dict[str, dict[str, Tensor]] = {}
-    for name, keys in saved["tensors"].items():
-        p = param_of[name]
-        tensors[name] = {}
-        for k in keys:
-            meta = _check_meta(path, metadata, f"{OPTIM}.state.{name}.{k}", None)
-            tensors[name][k] = _like(p, tuple(meta.size), meta.properties.dtype)
-    state = {OPTIM: {"state": tensors}}
-    with _single_process_ok():
-        dcp.load(state, checkpoint_id=path)
+        dcp.load({OPTIM: {"state": tensors}}, checkpoint_id=path)
 
     index = {n: i for i, n in names.items()}
-    opt_sd = {"state": {index[n]: {**saved["values"].get(n, {}), **st} for n, st in tensors.items()},
-              "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]],
-              ckpt.GRASS: saved["grass"]}
-    optimizer.load_state_dict(opt_sd)  # checks the "grass" entry before it changes anything
+    state = {index[n]: {k: tensors[n][k] if k in tensors[n] else saved["values"][n][k] for k in keys}
+             for n, keys in saved["keys"].items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
+    # Checks the "grass" entry before it changes anything; the model is loaded only after that.
+    optimizer.load_state_dict({"state": state, "param_groups": groups, ckpt.GRASS: saved["grass"]})
     rest = {MODEL: model_sd, **checked}
     with _single_process_ok():
         dcp.load(rest, checkpoint_id=path)
@@ -174,6 +151,36 @@ def _param_names(model: nn.Module, optimizer: GrassAdamW) -> dict[int, str]:
                              "parameter of it")
         out[i] = by_id[id(p)]
     return out
+
+
+def _read_shared(path: str) -> dict[str, Any]:
+    """The replicated part of a checkpoint (read by every rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    holder: dict[str, Any] = {OPTIM: {BLOB: b""}}
+    with _single_process_ok():
+        dcp.load(holder, checkpoint_id=path)
+    saved = torch.load(io.BytesIO(holder[OPTIM][BLOB]), map_location="cpu", weights_only=True)
+    found = saved.get("format") if isinstance(saved, dict) else None
+    if found != FORMAT:
+        raise ValueError(f"Invalid checkpoint {path!r}: '{OPTIM}.{BLOB}' has format {found!r} "
+                         f"(this grass_optim reads {FORMAT})")
+    return saved
+
+
+def _check_groups(path: str, names: dict[int, str], optimizer: GrassAdamW, saved: list[dict[str, Any]]) -> None:
+    """The saved param groups hold the same parameters, by name and in order, as ``optimizer``'s."""
+    mine, start = [], 0
+    for g in optimizer.param_groups:
+        mine.append([names[i] for i in range(start, start + len(g["params"]))])
+        start += len(g["params"])
+    theirs = [list(g["params"]) for g in saved]
+    if mine != theirs:
+        diff = next((f"group {k}: saved {t[:2]}..., this optimizer {m[:2]}..." for k, (m, t) in
+                     enumerate(zip(mine, theirs, strict=False)) if m != t), None)
+        raise ValueError(f"Invalid checkpoint {path!r}: saved for an optimizer with {len(theirs)} param groups of "
+                         f"{[len(t) for t in theirs]} parameters, this one has {len(mine)} groups of "
+                         f"{[len(m) for m in mine]}" + (f" ({diff})" if diff else ""))
 
 
 def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -219,9 +226,11 @@ def _check_meta(path: str, metadata: Mapping[str, Any], key: str, shape: tuple[i
     return meta
 
 
-def _like(param: Tensor, size: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Where DCP reads a state tensor into: sharded like its parameter when it has the parameter's
-    shape (FSDP2), else whole; on the host otherwise (load_state_dict moves what stays resident)."""
+def _like(param: Tensor, meta: Any) -> Tensor:
+    """Where DCP reads a state tensor into (its checkpoint metadata ``meta``): sharded like its
+    parameter when it has the parameter's shape (FSDP2), else whole, on the host (load_state_dict
+    then moves what is resident to the device and puts offloaded state in host buffers)."""
+    size, dtype = tuple(meta.size), meta.properties.dtype
     if is_sharded(param) and tuple(param.shape) == size:
         return torch.empty_like(param, dtype=dtype)
     return torch.empty(size, dtype=dtype)
