@@ -638,22 +638,23 @@ def _with_state(model: nn.Module, opt: GrassAdamW) -> list[str]:
     return sorted(n for n, p in model.named_parameters() if opt.state.get(p))
 
 
-def fsdp_dcp_helpers(rank: int, world: int, *, tmpdir: str, steps: int, save_at: list[tuple[int, str]]
-                     ) -> dict[str, Any]:
+def fsdp_dcp_helpers(rank: int, world: int, *, tmpdir: str, steps: int, save_at: list[tuple[int, str]],
+                     **grass: Any) -> dict[str, Any]:
     """grass_optim.save_checkpoint/load_checkpoint with FSDP2: a run saving at ``save_at`` vs. one that
-    never saves, and a fresh model and optimizer resumed from each save, continued to the end."""
+    never saves, and a fresh model and optimizer resumed from each save, continued to the end
+    (``grass``: further GrassAdamW settings, the same for every run)."""
     from grass_optim import load_checkpoint, save_checkpoint
 
     data = global_batches(steps)
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     torch.manual_seed(TORCH_SEED)
     ref_actives = _train_at(model, opt, data, rank, world)
     out: dict[str, Any] = {"ref_rng": torch.get_rng_state(), "ref_with_state": _with_state(model, opt),
                            "reference": flat_params(model), "ref_actives": ref_actives}
 
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     saved: dict[str, Any] = {}
 
     def save(i: int, where: str) -> None:
@@ -669,7 +670,7 @@ def fsdp_dcp_helpers(rank: int, world: int, *, tmpdir: str, steps: int, save_at:
     del model, opt
     for key, (path, _, start) in saved.items():
         model = fsdp_model()
-        opt = _fsdp_opt(model, seed=1234)
+        opt = _fsdp_opt(model, **{**grass, "seed": 1234})
         load_checkpoint(path, model, opt)
         entry = {"with_state": _with_state(model, opt), "step": opt.num_steps,
                  "state_types": sorted({type(v).__name__ for st in opt.state.values() for v in st.values()})}
@@ -679,7 +680,7 @@ def fsdp_dcp_helpers(rank: int, world: int, *, tmpdir: str, steps: int, save_at:
         del model, opt
     # The replicated part must agree across ranks: one rank with another learning rate is refused.
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     if rank == 1:
         opt.param_groups[0]["lr"] = 0.5
     try:
