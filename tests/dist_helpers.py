@@ -638,22 +638,28 @@ def _with_state(model: nn.Module, opt: GrassAdamW) -> list[str]:
     return sorted(n for n, p in model.named_parameters() if opt.state.get(p))
 
 
-def fsdp_dcp_helpers(rank: int, world: int, *, tmpdir: str, steps: int, save_at: list[tuple[int, str]],
-                     **grass: Any) -> dict[str, Any]:
-    """grass_optim.save_checkpoint/load_checkpoint with FSDP2: a run saving at ``save_at`` vs. one that
-    never saves, and a fresh model and optimizer resumed from each save, continued to the end
-    (``grass``: further GrassAdamW settings, the same for every run)."""
+def _dcp_model(wrapper: str) -> nn.Module:
+    if wrapper == "fsdp":
+        return fsdp_model()
+    return DistributedDataParallel(make_net(seed=0, d=FSDP_D), find_unused_parameters=True)
+
+
+def dcp_save_and_load(rank: int, world: int, *, wrapper: str, tmpdir: str, steps: int,
+                      save_at: list[tuple[int, str]], **grass: Any) -> dict[str, Any]:
+    """grass_optim.save_checkpoint/load_checkpoint with FSDP2 (``wrapper="fsdp"``) or DDP (``"ddp"``): a
+    run saving at ``save_at`` vs. one that never saves, and a fresh model and optimizer resumed from
+    each save, continued to the end (``grass``: further GrassAdamW settings, the same for every run)."""
     from grass_optim import load_checkpoint, save_checkpoint
 
     data = global_batches(steps)
-    model = fsdp_model()
+    model = _dcp_model(wrapper)
     opt = _fsdp_opt(model, **grass)
     torch.manual_seed(TORCH_SEED)
     ref_actives = _train_at(model, opt, data, rank, world)
     out: dict[str, Any] = {"ref_rng": torch.get_rng_state(), "ref_with_state": _with_state(model, opt),
                            "reference": flat_params(model), "ref_actives": ref_actives}
 
-    model = fsdp_model()
+    model = _dcp_model(wrapper)
     opt = _fsdp_opt(model, **grass)
     saved: dict[str, Any] = {}
 
@@ -669,7 +675,7 @@ def fsdp_dcp_helpers(rank: int, world: int, *, tmpdir: str, steps: int, save_at:
                saved_with_state={k: v[1] for k, v in saved.items()}, resumed={})
     del model, opt
     for key, (path, _, start) in saved.items():
-        model = fsdp_model()
+        model = _dcp_model(wrapper)
         opt = _fsdp_opt(model, **{**grass, "seed": 1234})
         load_checkpoint(path, model, opt)
         entry = {"with_state": _with_state(model, opt), "step": opt.num_steps,
@@ -679,7 +685,7 @@ def fsdp_dcp_helpers(rank: int, world: int, *, tmpdir: str, steps: int, save_at:
         out["resumed"][key] = entry
         del model, opt
     # The replicated part must agree across ranks: one rank with another learning rate is refused.
-    model = fsdp_model()
+    model = _dcp_model(wrapper)
     opt = _fsdp_opt(model, **grass)
     if rank == 1:
         opt.param_groups[0]["lr"] = 0.5
@@ -694,4 +700,4 @@ def fsdp_dcp_helpers(rank: int, world: int, *, tmpdir: str, steps: int, save_at:
 TASKS = {f.__name__: f for f in (
     ddp_train, ddp_resume, ddp_invalid_wrappers, ddp_built_while_frozen, ddp_wrapped_after_first_step, seeds, ddp_comm,
     fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload, fsdp_resume_torch_save, fsdp_dcp_probe,
-    fsdp_resume_dcp, fsdp_dcp_helpers)}
+    fsdp_resume_dcp, dcp_save_and_load)}

@@ -232,13 +232,14 @@ def test_fsdp2_resume_with_distributed_checkpoint(pool, tmp_path):
 DCP_SAVE_AT = [(1, "zero_grad"), (4, "step"), (6, "backward")]  # probing, no state; right after a redraw; mid-window
 
 
-def test_fsdp2_save_and_load_checkpoint(pool, tmp_path):
-    """grass_optim.save_checkpoint/load_checkpoint on 2 ranks with FSDP2: a run that saves during probing
-    (no state, no gradients: where torch's helpers step), right after a redraw and between backward and
-    step is bit-identical to one that never saves; a fresh model and optimizer resumed from each save
-    ends bit-identical too, with state (DTensor shards) for exactly the parameters that had some; ranks
-    that disagree on the replicated state are refused at save."""
-    outs = pool.values("fsdp_dcp_helpers", tmpdir=str(tmp_path), steps=10, save_at=DCP_SAVE_AT)
+@pytest.mark.parametrize("wrapper", ["fsdp", "ddp"])
+def test_save_and_load_checkpoint_on_two_ranks(pool, tmp_path, wrapper):
+    """grass_optim.save_checkpoint/load_checkpoint on 2 ranks with FSDP2 or DDP: a run that saves during
+    probing (no state, no gradients: where torch's helpers step), right after a redraw and between
+    backward and step is bit-identical to one that never saves; a fresh model and optimizer resumed
+    from each save ends bit-identical too, with state (DTensor shards under FSDP2) for exactly the
+    parameters that had some; ranks that disagree on the replicated state are refused at save."""
+    outs = pool.values("dcp_save_and_load", wrapper=wrapper, tmpdir=str(tmp_path), steps=10, save_at=DCP_SAVE_AT)
     for out in outs:
         assert out["actives"] == out["ref_actives"]
         assert torch.equal(out["rng"], out["ref_rng"])
@@ -251,7 +252,7 @@ def test_fsdp2_save_and_load_checkpoint(pool, tmp_path):
             assert resumed["step"] == int(key.split("-")[0]) + (key.endswith("step")), key
             assert resumed["actives"] == out["ref_actives"][resumed["step"]:], key
             assert torch.equal(resumed["params"], out["reference"]), key
-        assert "DTensor" in out["resumed"]["6-backward"]["state_types"]
+        assert ("DTensor" in out["resumed"]["6-backward"]["state_types"]) == (wrapper == "fsdp")
         assert out["disagree_error"] is not None and "ranks disagree on the optimizer's replicated state" in \
             out["disagree_error"], out["disagree_error"]
     assert outs[0]["saved_with_state"] == outs[1]["saved_with_state"]
