@@ -17,8 +17,8 @@ What :func:`save_checkpoint` hands to ``dcp.save``::
               "grass": bytes}                        # everything replicated, as one torch.save blob
     ...the caller's ``extra`` entries (any DCP value; ``Stateful`` objects such as an LR scheduler)
 
-The blob holds the param groups (parameters by name), the non-tensor state values, which state
-tensors exist, and the ``"grass"`` entry. It is the same on every rank (checked at save), so DCP
+The blob holds the param groups (parameters by name), the non-tensor state values, the keys of
+each parameter's state (in order), and the ``"grass"`` entry. It is the same on every rank (checked at save), so DCP
 writes it once and every rank reads it back. Parameters without state (blocks never trained) have
 no entry, and have none after loading.
 """
@@ -108,6 +108,10 @@ def load_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, opt
     model_sd = _model_state_dict(model)
     for key, value in _flat_tensors(model_sd, MODEL):
         _check_meta(path, metadata, key, tuple(value.shape))
+    missing = [k for k in checked if not any(m == k or m.startswith(f"{k}.") for m in metadata)]
+    if missing:
+        raise ValueError(f"Invalid extra: the checkpoint {path!r} has no entries {missing} "
+                         f"(it has {sorted({m.split('.')[0] for m in metadata} - {MODEL, OPTIM})})")
 
     saved = _read_shared(path)
     _check_groups(path, names, optimizer, saved["param_groups"])

@@ -160,3 +160,12 @@ def test_refuses_other_objects(tmp_path):
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "plain"))
     with pytest.raises(ValueError, match="no 'optim.grass' entry, so it was not written by grass_optim"):
         load_checkpoint(tmp_path / "plain", model, opt)
+    save_checkpoint(tmp_path / "b", model, opt, extra={"step": 6})
+    fresh = make_net(seed=1)
+    fresh_opt = GrassAdamW(fresh, **{**KW, "probe_steps": 2})
+    params = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"Invalid extra: the checkpoint .* has no entries \['sched'\] "
+                                         r"\(it has \['step'\]\)"):
+        load_checkpoint(tmp_path / "b", fresh, fresh_opt, extra={"step": 0, "sched": torch.zeros(1)})
+    assert fresh_opt.num_steps == 0 and not fresh_opt.state, "the optimizer is loaded only after every check"
+    assert all(torch.equal(p, params[n]) for n, p in fresh.named_parameters())
