@@ -8,10 +8,11 @@ of ``examples/ddp.py``: a small GPT-style decoder whose blocks are ``model.layer
 ``t[i] = (t[i-1] + t[i-2]) mod V``.
 
 The run is cut in two, as a preempted job would be: the first half trains and saves a checkpoint
-(one file per rank: ``model.state_dict()`` and ``opt.state_dict()``, whose tensors are DTensor
-shards, plus GrassAdamW's schedule under ``"grass"``); then a fresh model and optimizer are built,
-the checkpoint is loaded, and the second half trains. ``--check-resume`` also trains an
-uninterrupted run and checks that both end with bit-identical parameters.
+with ``grass_optim.save_checkpoint`` (torch.distributed.checkpoint: each rank writes its shards of
+the model and of the optimizer state; GrassAdamW's schedule, the same on every rank, is written
+once); then a fresh model and optimizer are built, the checkpoint is loaded with
+``load_checkpoint``, and the second half trains. ``--check-resume`` also trains an uninterrupted run
+and checks that both end with bit-identical parameters.
 
 What matters for GRASS under FSDP2 (docs/guides/fsdp2.md):
   * ``fully_shard`` every block, then the root, *before* building GrassAdamW: it then sees the
@@ -19,9 +20,9 @@ What matters for GRASS under FSDP2 (docs/guides/fsdp2.md):
     scores, and the draws, are the same on every rank and equal to an unsharded run's.
   * ``offload=`` is not supported with sharded parameters yet (FSDP2 already divides the optimizer
     state by the number of ranks).
-  * Checkpoints: per-rank ``torch.save`` of both state dicts, restored with the same number of ranks
-    (loads with ``weights_only=True`` on torch 2.13). For DCP, see the guide: its
-    ``get_optimizer_state_dict`` drops the ``"grass"`` entry.
+  * Checkpoints: ``save_checkpoint``/``load_checkpoint``, not torch's ``get_optimizer_state_dict``
+    on the optimizer (it drops the ``"grass"`` entry, and may call ``step()``: see the guide). They
+    may be called anywhere in the loop, probing included, without changing the run.
 """
 
 import argparse
@@ -38,10 +39,10 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 try:
-    from grass_optim import GrassAdamW
+    from grass_optim import GrassAdamW, load_checkpoint, save_checkpoint
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from grass_optim import GrassAdamW
+    from grass_optim import GrassAdamW, load_checkpoint, save_checkpoint
 
 # ----------------------------------------------------------------------------- settings
 VOCAB, SEQ = 32, 32
@@ -95,7 +96,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default {STEPS}, {QUICK_STEPS} with --quick)")
     p.add_argument("--quick", action="store_true", help="short smoke run")
-    p.add_argument("--ckpt-dir", default="runs/fsdp2_example", help="where each rank writes rank<r>.pt")
+    p.add_argument("--ckpt-dir", default="runs/fsdp2_example", help="the checkpoint's directory (DCP)")
     p.add_argument("--check-resume", action="store_true",
                    help="also train without interruption and compare the final parameters")
     args = p.parse_args()
@@ -144,8 +145,7 @@ def main() -> None:
                           f"| active {opt.active_layer_indices}")
 
     half = steps // 2
-    ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(args.ckpt_dir)
     t0 = time.perf_counter()
 
     # --- first job: train, then save
@@ -155,17 +155,16 @@ def main() -> None:
         print(f"{world} ranks ({'nccl' if use_cuda else 'gloo'}), {n_params / 1e6:.2f}M parameters sharded "
               f"{world} ways, {opt.num_layers} blocks, {ACTIVE_LAYERS} trained at a time, {steps} steps")
     train(model, opt, 0, half, log=True)
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": half}, ckpt)
+    save_checkpoint(ckpt, model, opt, extra={"step": half})  # every rank: its shards + the GRASS schedule
     del model, opt
 
-    # --- second job: a fresh model and optimizer, restored from this rank's file
+    # --- second job: a fresh model and optimizer, restored from the checkpoint
     model, opt = build()
-    state = torch.load(ckpt, weights_only=True)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optim"])  # base optimizer state (DTensor shards) + the GRASS schedule
+    extra = {"step": 0}
+    load_checkpoint(ckpt, model, opt, extra=extra)  # model, optimizer state (DTensor shards), schedule
     if rank == 0:
-        print(f"resumed from {ckpt.parent}/rank<r>.pt at step {state['step']}")
-    train(model, opt, state["step"], steps, log=True)
+        print(f"resumed from {ckpt} at step {extra['step']}")
+    train(model, opt, extra["step"], steps, log=True)
     elapsed = time.perf_counter() - t0
 
     with torch.no_grad():

@@ -5,6 +5,7 @@
 """
 
 from .config import GrassConfig
+from .dcp import load_checkpoint, save_checkpoint
 from .importance import block_grad_rms, ema_update, window_mean
 from .layers import LayerPartition, find_layers, unwrap_model
 from .memory import MemoryEstimate, MemoryReport, estimate_memory
@@ -40,7 +41,9 @@ __all__ = [
     "estimate_memory",
     "find_layers",
     "inclusion_probabilities",
+    "load_checkpoint",
     "sample_without_replacement",
+    "save_checkpoint",
     "scale_free_softmax",
     "unwrap_model",
     "window_mean",

@@ -565,9 +565,10 @@ def fsdp_dcp_probe(rank: int, world: int, *, tmpdir: str) -> dict[str, Any]:
 
 
 def fsdp_resume_dcp(rank: int, world: int, *, tmpdir: str, steps: int, stop: int) -> dict[str, Any]:
-    """The DCP recipe of docs/guides/fsdp2.md: DCP for the model and the *base* optimizer, the
-    replicated ``"grass"`` entry saved by rank 0 with ``torch.save``; resumed into a fresh model and
-    optimizer, compared with an uninterrupted run."""
+    """The manual DCP recipe (before ``grass_optim.save_checkpoint``; docs/guides/fsdp2.md mentions it):
+    DCP for the model and the *base* optimizer, the replicated ``"grass"`` entry saved by rank 0 with
+    ``torch.save``; saved after probing, resumed into a fresh model and optimizer, compared with an
+    uninterrupted run."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -614,7 +615,89 @@ def fsdp_resume_dcp(rank: int, world: int, *, tmpdir: str, steps: int, stop: int
     return out
 
 
+def _train_at(model: nn.Module, opt: GrassAdamW, data: list, rank: int, world: int, start: int = 0,
+              at: Any = None) -> list[tuple[int, ...]]:
+    """``train_steps`` with ``at(i, where)`` after zero_grad, backward and step of iteration ``i``."""
+    actives = []
+    for i in range(start, len(data)):
+        x, y = data[i]
+        opt.zero_grad()
+        if at:
+            at(i, "zero_grad")
+        loss_fn(model, shard(x, rank, world), shard(y, rank, world)).backward()
+        if at:
+            at(i, "backward")
+        opt.step()
+        if at:
+            at(i, "step")
+        actives.append(opt.active_layer_indices)
+    return actives
+
+
+def _with_state(model: nn.Module, opt: GrassAdamW) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if opt.state.get(p))
+
+
+def _dcp_model(wrapper: str) -> nn.Module:
+    if wrapper == "fsdp":
+        return fsdp_model()
+    return DistributedDataParallel(make_net(seed=0, d=FSDP_D), find_unused_parameters=True)
+
+
+def dcp_save_and_load(rank: int, world: int, *, wrapper: str, tmpdir: str, steps: int,
+                      save_at: list[tuple[int, str]], **grass: Any) -> dict[str, Any]:
+    """grass_optim.save_checkpoint/load_checkpoint with FSDP2 (``wrapper="fsdp"``) or DDP (``"ddp"``): a
+    run saving at ``save_at`` vs. one that never saves, and a fresh model and optimizer resumed from
+    each save, continued to the end (``grass``: further GrassAdamW settings, the same for every run)."""
+    from grass_optim import load_checkpoint, save_checkpoint
+
+    data = global_batches(steps)
+    model = _dcp_model(wrapper)
+    opt = _fsdp_opt(model, **grass)
+    torch.manual_seed(TORCH_SEED)
+    ref_actives = _train_at(model, opt, data, rank, world)
+    out: dict[str, Any] = {"ref_rng": torch.get_rng_state(), "ref_with_state": _with_state(model, opt),
+                           "reference": flat_params(model), "ref_actives": ref_actives}
+
+    model = _dcp_model(wrapper)
+    opt = _fsdp_opt(model, **grass)
+    saved: dict[str, Any] = {}
+
+    def save(i: int, where: str) -> None:
+        if (i, where) in save_at:
+            path = Path(tmpdir) / f"{i}-{where}"
+            save_checkpoint(path, model, opt)
+            saved[f"{i}-{where}"] = (path, _with_state(model, opt), i + 1 if where == "step" else i)
+
+    torch.manual_seed(TORCH_SEED)
+    out["actives"] = _train_at(model, opt, data, rank, world, at=save)
+    out.update(rng=torch.get_rng_state(), with_state=_with_state(model, opt), params=flat_params(model),
+               saved_with_state={k: v[1] for k, v in saved.items()}, resumed={})
+    del model, opt
+    for key, (path, _, start) in saved.items():
+        model = _dcp_model(wrapper)
+        opt = _fsdp_opt(model, **{**grass, "seed": 1234})
+        load_checkpoint(path, model, opt)
+        entry = {"with_state": _with_state(model, opt), "step": opt.num_steps,
+                 "state_types": sorted({type(v).__name__ for st in opt.state.values() for v in st.values()})}
+        entry["actives"] = _train_at(model, opt, data, rank, world, start=start)
+        entry["params"] = flat_params(model)
+        out["resumed"][key] = entry
+        del model, opt
+    # The replicated part must agree across ranks: one rank with another learning rate is refused.
+    model = _dcp_model(wrapper)
+    opt = _fsdp_opt(model, **grass)
+    if rank == 1:
+        opt.param_groups[0]["lr"] = 0.5
+    try:
+        save_checkpoint(Path(tmpdir) / "disagree", model, opt)
+        out["disagree_error"] = None
+    except RuntimeError as err:
+        out["disagree_error"] = str(err)
+    return out
+
+
 TASKS = {f.__name__: f for f in (
     ddp_train, ddp_resume, ddp_invalid_wrappers, ddp_built_while_frozen, ddp_wrapped_after_first_step, seeds, ddp_comm,
     fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload, fsdp_resume_torch_save, fsdp_dcp_probe,
-    fsdp_resume_dcp)}
+    fsdp_resume_dcp, dcp_save_and_load)}

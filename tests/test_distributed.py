@@ -222,10 +222,40 @@ def test_fsdp2_resume_from_per_rank_torch_save(pool, tmp_path):
 
 
 def test_fsdp2_resume_with_distributed_checkpoint(pool, tmp_path):
-    """The DCP recipe of docs/guides/fsdp2.md (base optimizer through DCP, "grass" entry on the side)."""
+    """The manual DCP recipe (base optimizer through torch's helpers, "grass" entry on the side), exact
+    when saved after probing; save_checkpoint/load_checkpoint replace it (test below)."""
     for out in pool.values("fsdp_resume_dcp", tmpdir=str(tmp_path), steps=14, stop=6):
         assert out["resumed_step"] == 6
         assert out["equal"], out["max_diff"]
+
+
+DCP_SAVE_AT = [(1, "zero_grad"), (4, "step"), (6, "backward")]  # probing, no state; right after a redraw; mid-window
+
+
+@pytest.mark.parametrize("wrapper", ["fsdp", "ddp"])
+def test_save_and_load_checkpoint_on_two_ranks(pool, tmp_path, wrapper):
+    """grass_optim.save_checkpoint/load_checkpoint on 2 ranks with FSDP2 or DDP: a run that saves during
+    probing (no state, no gradients: where torch's helpers step), right after a redraw and between
+    backward and step is bit-identical to one that never saves; a fresh model and optimizer resumed
+    from each save ends bit-identical too, with state (DTensor shards under FSDP2) for exactly the
+    parameters that had some; ranks that disagree on the replicated state are refused at save."""
+    outs = pool.values("dcp_save_and_load", wrapper=wrapper, tmpdir=str(tmp_path), steps=10, save_at=DCP_SAVE_AT)
+    for out in outs:
+        assert out["actives"] == out["ref_actives"]
+        assert torch.equal(out["rng"], out["ref_rng"])
+        assert out["with_state"] == out["ref_with_state"]
+        assert torch.equal(out["params"], out["reference"])
+        assert sorted(out["resumed"]) == sorted(f"{i}-{w}" for i, w in DCP_SAVE_AT)
+        assert out["saved_with_state"]["1-zero_grad"] == []
+        for key, resumed in out["resumed"].items():
+            assert resumed["with_state"] == out["saved_with_state"][key], key
+            assert resumed["step"] == int(key.split("-")[0]) + (key.endswith("step")), key
+            assert resumed["actives"] == out["ref_actives"][resumed["step"]:], key
+            assert torch.equal(resumed["params"], out["reference"]), key
+        assert ("DTensor" in out["resumed"]["6-backward"]["state_types"]) == (wrapper == "fsdp")
+        assert out["disagree_error"] is not None and "ranks disagree on the optimizer's replicated state" in \
+            out["disagree_error"], out["disagree_error"]
+    assert outs[0]["saved_with_state"] == outs[1]["saved_with_state"]
 
 
 def test_fsdp2_dcp_helpers_on_grassadamw_itself(pool, tmp_path):
@@ -275,4 +305,4 @@ def test_example_fsdp2_quick(tmp_path):
     assert len(losses) >= 2 and losses[-1] < losses[0], out
     assert re.search(r"resumed from .* at step \d+", out), out
     assert "resumed run matches the uninterrupted one: True" in out, out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # DCP

@@ -22,3 +22,4 @@ def test_api_reference_snippets_run_in_order():
     assert "('layers.0', 'layers.1', 'layers.2', 'layers.3') True (0, 1, 2, 3)" in printed
     assert "[(0, 1), (0, 1), (2, 3), (2, 3), (0, 1), (0, 1)]" in printed
     assert "10 20 inactive" in printed
+    assert "4 4 True 4" in printed  # the DCP checkpoint round trip

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grass_optim import GrassAdamW, GrassSampler
+from grass_optim import GrassAdamW, GrassSampler, load_checkpoint, save_checkpoint
 from tests.helpers import assert_same_params, assert_same_state, batches, loss_fn, make_net, round_trip
 
 SETTINGS = dict(lr=1e-2, weight_decay=0.1, active_layers=3, switch_every=3, update_every=2, probe_steps=2, seed=4)
@@ -228,10 +228,12 @@ def test_state_dict_after_a_failed_step_puts_the_state_in_place_first():
     assert opt.memory_report().device_state_bytes_per_block[stray] == 0
 
 
+@pytest.mark.parametrize("through", ["torch.save", "dcp"])
 @pytest.mark.parametrize("offload", [None, "inactive", "stream"])
-def test_a_checkpoint_between_the_failure_and_the_retry_resumes_as_the_retry_in_memory(offload):
+def test_a_checkpoint_between_the_failure_and_the_retry_resumes_as_the_retry_in_memory(offload, through, tmp_path):
     """Failure, then the usual recovery (zero_grad, backward, step) in the same process, against:
-    failure, checkpoint, a fresh model and optimizer loading it, the same recovery."""
+    failure, checkpoint (torch.save, or grass_optim.save_checkpoint), a fresh model and optimizer
+    loading it, the same recovery."""
     def failing_run():
         model, opt = _build(offload, fail_base=True)
         opt.base_optimizer.fail = _fail_on_second_block(opt) if offload == "stream" else (
@@ -249,12 +251,17 @@ def test_a_checkpoint_between_the_failure_and_the_retry_resumes_as_the_retry_in_
     for batch in rest:
         _step(ref_model, ref_opt, batch)
     model, opt, rest = failing_run()
+    if through == "dcp":
+        save_checkpoint(tmp_path, model, opt)  # first: state_dict() puts the state in place itself
     saved = round_trip({"model": model.state_dict(), "opt": opt.state_dict()})
     if offload == "stream":
         assert saved["opt"]["grass"]["progress"]["parts"][0] == -1  # the outside was updated
     model, opt = _build(offload)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
+    if through == "dcp":
+        load_checkpoint(tmp_path, model, opt)
+    else:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
     for batch in rest:
         _step(model, opt, batch)
     assert_same_params(ref_model, model)
