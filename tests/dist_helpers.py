@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from grass_optim import GrassAdamW
 from grass_optim.freezing import set_frozen_by_grass
-from tests.helpers import batches, loss_fn, make_net
+from tests.helpers import batches, loss_fn, make_net, train_at
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -617,21 +617,8 @@ def fsdp_resume_dcp(rank: int, world: int, *, tmpdir: str, steps: int, stop: int
 
 def _train_at(model: nn.Module, opt: GrassAdamW, data: list, rank: int, world: int, start: int = 0,
               at: Any = None) -> list[tuple[int, ...]]:
-    """``train_steps`` with ``at(i, where)`` after zero_grad, backward and step of iteration ``i``."""
-    actives = []
-    for i in range(start, len(data)):
-        x, y = data[i]
-        opt.zero_grad()
-        if at:
-            at(i, "zero_grad")
-        loss_fn(model, shard(x, rank, world), shard(y, rank, world)).backward()
-        if at:
-            at(i, "backward")
-        opt.step()
-        if at:
-            at(i, "step")
-        actives.append(opt.active_layer_indices)
-    return actives
+    """``tests.helpers.train_at`` on this rank's rows of each global batch."""
+    return train_at(model, opt, data, start=start, at=at, part=lambda t: shard(t, rank, world))
 
 
 def _with_state(model: nn.Module, opt: GrassAdamW) -> list[str]:

@@ -67,6 +67,28 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data, after_step=None) -
     return losses
 
 
+def train_at(model: nn.Module, opt: torch.optim.Optimizer, data, start: int = 0, at=None, part=None) -> list:
+    """The loop zero_grad, backward, step over ``data[start:]``, calling ``at(i, where)`` after each
+    of them (``where`` is "zero_grad", "backward", "step") of iteration ``i``; ``part(t)`` is the
+    rank's part of a global batch tensor (multi-process runs). Returns the active set after every step."""
+    actives = []
+    for i in range(start, len(data)):
+        x, y = data[i]
+        if part is not None:
+            x, y = part(x), part(y)
+        opt.zero_grad()
+        if at:
+            at(i, "zero_grad")
+        loss_fn(model, x, y).backward()
+        if at:
+            at(i, "backward")
+        opt.step()
+        if at:
+            at(i, "step")
+        actives.append(opt.active_layer_indices)
+    return actives
+
+
 def assert_same_params(a: nn.Module, b: nn.Module) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), f"parameter {name} differs"

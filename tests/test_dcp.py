@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grass_optim import GrassAdamW, load_checkpoint, save_checkpoint
-from tests.helpers import assert_same_params, assert_same_state, batches, loss_fn, make_net, snapshot
+from tests.helpers import assert_same_params, assert_same_state, batches, loss_fn, make_net, snapshot, train_at
 
 STEPS = 16
 KW = dict(lr=1e-2, weight_decay=0.1, active_layers=2, switch_every=5, update_every=3, probe_steps=4, seed=3)
@@ -19,25 +19,6 @@ KW = dict(lr=1e-2, weight_decay=0.1, active_layers=2, switch_every=5, update_eve
 # step), probing after backward, mid-window after step, right after a redraw (probe end at step 4,
 # redraws at 9, 14), after zero_grad and after backward later on.
 SAVE_AT = [(1, "zero_grad"), (2, "backward"), (6, "step"), (8, "step"), (11, "zero_grad"), (12, "backward")]
-
-
-def run(model, opt, data, start=0, at=None):
-    """The loop; ``at(i, where)`` after zero_grad, backward and step of iteration ``i``. Returns the
-    active set after every step."""
-    actives = []
-    for i in range(start, len(data)):
-        x, y = data[i]
-        opt.zero_grad()
-        if at:
-            at(i, "zero_grad")
-        loss_fn(model, x, y).backward()
-        if at:
-            at(i, "backward")
-        opt.step()
-        if at:
-            at(i, "step")
-        actives.append(opt.active_layer_indices)
-    return actives
 
 
 def with_state(opt, model):
@@ -51,7 +32,7 @@ def test_saving_anywhere_changes_nothing_and_every_save_resumes_exactly(tmp_path
     ref_model = make_net()
     ref_opt = GrassAdamW(ref_model, **kw)
     torch.manual_seed(0)
-    ref_actives = run(ref_model, ref_opt, data)
+    ref_actives = train_at(ref_model, ref_opt, data)
     ref_rng = torch.get_rng_state()
 
     model = make_net()
@@ -67,7 +48,7 @@ def test_saving_anywhere_changes_nothing_and_every_save_resumes_exactly(tmp_path
             saved[(i, where)] = (path, with_state(opt, model))
 
     torch.manual_seed(0)
-    actives = run(model, opt, data, at=save)
+    actives = train_at(model, opt, data, at=save)
     assert len(saved) == len(SAVE_AT)
     assert saved[(1, "zero_grad")][1] == set(), "no optimizer state during probing (torch's helpers make some)"
     assert actives == ref_actives
@@ -83,7 +64,7 @@ def test_saving_anywhere_changes_nothing_and_every_save_resumes_exactly(tmp_path
         assert with_state(fresh_opt, fresh) == state_names, (i, where)
         start = i + 1 if where == "step" else i  # saved mid-iteration: do that iteration again
         assert fresh_opt.num_steps == start
-        resumed = run(fresh, fresh_opt, data, start=start)
+        resumed = train_at(fresh, fresh_opt, data, start=start)
         assert resumed == ref_actives[start:], (i, where)
         assert_same_params(ref_model, fresh)
         assert_same_state(ref_opt, ref_model, fresh_opt, fresh)
@@ -123,7 +104,7 @@ def test_extra_entries_round_trip_and_no_dcp_warning_in_one_process(tmp_path):
 def _trained(num_layers=4, d=8, steps=6):
     model = make_net(num_layers=num_layers, d=d)
     opt = GrassAdamW(model, **{**KW, "probe_steps": 2})
-    run(model, opt, batches(steps))
+    train_at(model, opt, batches(steps))
     return model, opt
 
 
