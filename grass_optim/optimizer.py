@@ -187,10 +187,6 @@ class GrassAdamW(Optimizer):
         trainable = [p for ps in self.partition.block_params for p in ps if is_trainable(p)]
         D.check_ddp(model, trainable)
         sharded = any(D.is_sharded(p) for p in trainable)
-        if sharded and self.config.offload is not None:
-            raise ValueError(f"Invalid offload: {self.config.offload!r} with sharded (FSDP2/DTensor) parameters: "
-                             "offloading sharded optimizer state is not supported yet; use offload=None "
-                             "(FSDP2 already divides the state across ranks)")
 
         # 2. The base optimizer (built, or wrapped: its groups are split per block in place).
         adamw_kwargs = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}

@@ -413,17 +413,114 @@ def fsdp_built_before_sharding(rank: int, world: int, *, steps: int = 8) -> dict
     return out
 
 
-def fsdp_offload(rank: int, world: int) -> str:
-    try:
-        GrassAdamW(fsdp_model(), offload="inactive", active_layers=1)
-    except ValueError as err:
-        return f"ValueError: {err}"
-    return "no error"
-
-
 def local_bytes(t: torch.Tensor) -> int:
     t = t.to_local() if hasattr(t, "to_local") else t
     return t.numel() * t.element_size()
+
+
+def _local_snapshot(model: nn.Module, opt: GrassAdamW) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """This rank's parameter shards, flattened, and the local shard of every state tensor (a copy)."""
+    params = torch.cat([(p.to_local() if hasattr(p, "to_local") else p).detach().flatten()
+                        for p in model.parameters()])
+    state = [{k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in opt.state[p].items()}
+             for p in model.parameters() if p in opt.state]
+    return params, state
+
+
+def _same_state(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+                                    for sa, sb in zip(a, b, strict=True))
+
+
+def fsdp_offload_equal(rank: int, world: int, *, steps: int, mode: str, **grass: Any) -> dict[str, Any]:
+    """FSDP2 with ``offload=mode`` vs. FSDP2 without: this rank's parameter shards and optimizer state
+    after every step, bit for bit; and what the offloaded state looks like between steps."""
+    data = global_batches(steps)
+    snapshots: dict[Any, list[Any]] = {}
+    out: dict[str, Any] = {"state_types": set(), "state_like_param": True}
+    for offload in (None, mode):
+        model = fsdp_model()
+        opt = _fsdp_opt(model, offload=offload, **grass)
+        snapshots[offload] = []
+        history = []
+        for x, y in data:
+            opt.zero_grad()
+            loss_fn(model, shard(x, rank, world), shard(y, rank, world)).backward()
+            opt.step()
+            history.append(opt.active_layer_indices)
+            snapshots[offload].append(_local_snapshot(model, opt))
+            if offload is not None:
+                for p, st in opt.state.items():
+                    for v in st.values():
+                        if v.dim() > 0:  # moments: sharded like their parameter, parked or not
+                            out["state_types"].add(type(v).__name__)
+                            out["state_like_param"] &= (v.placements == p.placements and v.shape == p.shape
+                                                        and v.device_mesh == p.device_mesh)
+        out[f"history_{offload}"] = history
+        out[f"report_{offload}"] = opt.memory_report()
+    (ref, got) = snapshots[None], snapshots[mode]
+    out["params_equal"] = [torch.equal(a[0], b[0]) for a, b in zip(ref, got, strict=True)]
+    out["state_equal"] = [_same_state(a[1], b[1]) for a, b in zip(ref, got, strict=True)]
+    return out
+
+
+def fsdp_offload_memory(rank: int, world: int, *, steps: int, active_layers: int) -> dict[str, Any]:
+    """FSDP2 + ``offload="inactive"`` on a model whose head (3 rows) the 2 ranks shard unevenly: this
+    rank's ``memory_report()`` after every step vs. the bytes of its own shards, counted here; and
+    ``estimate_memory(world_size=2, rank=rank)`` vs. what was measured (and vs. AdamW on FSDP2)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from grass_optim import estimate_memory
+
+    def build() -> nn.Module:
+        model = make_net(seed=0, d=FSDP_D, d_out=3)
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+
+    data = global_batches(steps, d_out=3)
+    model = build()
+    opt = GrassAdamW(model, offload="inactive",
+                     **grass_kwargs(active_layers=active_layers, probe_steps=2, switch_every=2, seed=0))
+
+    def state_bytes(ps: list[nn.Parameter]) -> int:
+        return sum(local_bytes(v) for p in ps if p in opt.state for v in opt.state[p].values() if v.dim() > 0)
+
+    blocks = [list(b.parameters()) for b in model.layers]
+    outside = [p for m in (model.embed, model.head) for p in m.parameters()]
+    out: dict[str, Any] = {"reports": [], "expected": [], "grad_bytes": []}
+    visited: set[int] = set()
+    parked: set[int] = set()  # blocks that have been parked at least once: they have host buffers
+    for x, y in data:
+        opt.zero_grad()
+        loss_fn(model, shard(x, rank, world), shard(y, rank, world)).backward()
+        out["grad_bytes"].append(sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None))
+        opt.step()
+        active = set() if opt.is_probing else set(opt.active_layer_indices)
+        parked |= visited - active
+        visited |= active
+        r = opt.memory_report()
+        out["reports"].append((r.device_state_bytes, r.host_state_bytes, r.host_buffer_bytes))
+        out["expected"].append((state_bytes([p for i in sorted(active) for p in blocks[i]] + outside),
+                                state_bytes([p for i in range(len(blocks)) if i not in active for p in blocks[i]]),
+                                state_bytes([p for i in sorted(parked) for p in blocks[i]])))
+    out["visited"] = sorted(visited)
+    out["weight_bytes"] = sum(local_bytes(p) for p in model.parameters())
+    out["outside_state_bytes"] = state_bytes(outside)
+    # AdamW on the same sharded model, one step: state and gradients of every parameter's shard.
+    adamw_model = build()
+    adamw = torch.optim.AdamW(adamw_model.parameters(), lr=1e-2)
+    x, y = data[0]
+    loss_fn(adamw_model, shard(x, rank, world), shard(y, rank, world)).backward()
+    out["adamw_grad_bytes"] = sum(local_bytes(p.grad) for p in adamw_model.parameters())
+    adamw.step()
+    out["adamw_state_bytes"] = sum(local_bytes(v) for st in adamw.state.values() for v in st.values() if v.dim() > 0)
+    out["estimate"] = estimate_memory(make_net(seed=0, d=FSDP_D, d_out=3), active_layers=active_layers,
+                                      world_size=world, rank=rank).rows
+    out["estimate_of_sharded_model"] = estimate_memory(model, active_layers=active_layers, world_size=world,
+                                                       rank=rank).rows
+    return out
 
 
 def fsdp_comm(rank: int, world: int, *, steps: int = 6) -> dict[str, Any]:
@@ -478,25 +575,27 @@ def _fsdp_opt(model: nn.Module, **grass: Any) -> GrassAdamW:
 
 
 def fsdp_resume_torch_save(rank: int, world: int, *, tmpdir: str, steps: int, stop: int,
-                           weights_only: bool) -> dict[str, Any]:
+                           weights_only: bool, **grass: Any) -> dict[str, Any]:
     """Uninterrupted run vs. a run saved after ``stop`` steps (per-rank ``torch.save`` of the model's and
-    the optimizer's state dicts) and resumed into a fresh model and optimizer."""
+    the optimizer's state dicts) and resumed into a fresh model and optimizer (``grass``: e.g. offload)."""
     data = global_batches(steps)
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     train_steps(model, opt, data, rank, world)
     reference = flat_params(model)
+    final_state = _local_snapshot(model, opt)[1]
 
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     train_steps(model, opt, data[:stop], rank, world)
     path = Path(tmpdir) / f"rank{rank}.pt"
     torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
     saved_types = sorted({type(v).__name__ for st in opt.state_dict()["state"].values() for v in st.values()})
+    report_saved = opt.memory_report()
     del model, opt
 
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     out: dict[str, Any] = {"state_types": saved_types, "load_error": None}
     try:
         ckpt = torch.load(path, weights_only=weights_only)
@@ -506,9 +605,13 @@ def fsdp_resume_torch_save(rank: int, world: int, *, tmpdir: str, steps: int, st
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optim"])
     out["resumed_step"] = opt.num_steps
+    r = opt.memory_report()
+    out["report_saved_loaded"] = [(x.device_state_bytes, x.host_state_bytes) for x in (report_saved, r)]
     history = train_steps(model, opt, data[stop:], rank, world)
     resumed = flat_params(model)
+    state = _local_snapshot(model, opt)[1]
     out.update({"equal": torch.equal(resumed, reference), "max_diff": (resumed - reference).abs().max().item(),
+                "state_equal": _same_state(state, final_state),
                 "active_after": [h["active"] for h in history]})
     return out
 
@@ -616,5 +719,6 @@ def fsdp_resume_dcp(rank: int, world: int, *, tmpdir: str, steps: int, stop: int
 
 TASKS = {f.__name__: f for f in (
     ddp_train, ddp_resume, ddp_invalid_wrappers, ddp_built_while_frozen, ddp_wrapped_after_first_step, seeds, ddp_comm,
-    fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload, fsdp_resume_torch_save, fsdp_dcp_probe,
+    fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload_equal, fsdp_offload_memory,
+    fsdp_resume_torch_save, fsdp_dcp_probe,
     fsdp_resume_dcp)}
