@@ -358,11 +358,16 @@ def seeds(rank: int, world: int, *, checks: bool) -> dict[str, Any]:
 
 def ddp_comm(rank: int, world: int, **kwargs: Any) -> dict[str, Any]:
     """``benchmarks/ddp_comm.py``'s measurement, on this pool's ranks."""
-    return _ddp_comm_module().measure(rank, world, **kwargs)
+    return _benchmark_module("ddp_comm").measure(rank, world, **kwargs)
 
 
-def _ddp_comm_module() -> Any:
-    spec = importlib.util.spec_from_file_location("ddp_comm", ROOT / "benchmarks" / "ddp_comm.py")
+def dist_memory(rank: int, world: int, **kwargs: Any) -> dict[str, Any]:
+    """``benchmarks/dist_memory.py``'s measurement, on this pool's ranks."""
+    return _benchmark_module("dist_memory").measure(rank, world, **kwargs)
+
+
+def _benchmark_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -719,6 +724,7 @@ def fsdp_resume_dcp(rank: int, world: int, *, tmpdir: str, steps: int, stop: int
 
 TASKS = {f.__name__: f for f in (
     ddp_train, ddp_resume, ddp_invalid_wrappers, ddp_built_while_frozen, ddp_wrapped_after_first_step, seeds, ddp_comm,
+    dist_memory,
     fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload_equal, fsdp_offload_memory,
     fsdp_resume_torch_save, fsdp_dcp_probe,
     fsdp_resume_dcp)}

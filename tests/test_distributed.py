@@ -176,6 +176,34 @@ def test_ddp_communication_of_frozen_blocks(pool):
         assert rows[name]["grad_memory_bytes"] == model, name
 
 
+def test_gradient_and_state_memory_per_rank_under_ddp_and_fsdp2(pool):
+    """benchmarks/dist_memory.py, 4 steps: which multi-GPU path saves what. DDP's buckets hold every
+    gradient whatever is frozen; FSDP2 holds gradient shards of the trained blocks only; offloading
+    under FSDP2 leaves the active blocks' state shards on the device; estimate_memory agrees per rank."""
+    ranks = pool.values("dist_memory", steps=4)
+    for result in ranks:
+        rows = {r["method"]: r for r in result["rows"]}
+        model = result["model_bytes"]
+        adamw_ddp, grass_ddp, view = rows["adamw+ddp"], rows["grass+ddp"], rows["grass+ddp+bucket_view"]
+        assert adamw_ddp["bucket_bytes"] == grass_ddp["bucket_bytes"] == view["bucket_bytes"] == model
+        assert adamw_ddp["grad_memory_bytes"] == 2 * model  # buckets + separate .grad tensors
+        assert model < grass_ddp["grad_memory_bytes"] < 2 * model and view["grad_memory_bytes"] == model
+        adamw_fsdp, grass_fsdp = rows["adamw+fsdp2"], rows["grass+fsdp2"]
+        assert adamw_fsdp["weight_bytes"] == adamw_fsdp["grad_memory_bytes"] == model // 2  # even shards here
+        for name in ("adamw+fsdp2", "grass+fsdp2", "grass+fsdp2+inactive", "grass+fsdp2+stream"):
+            assert rows[name]["grad_memory_bytes"] == rows[name]["estimate_grad_bytes"], name
+        assert grass_fsdp["grad_memory_bytes"] < 0.5 * adamw_fsdp["grad_memory_bytes"]
+        inactive, stream = rows["grass+fsdp2+inactive"], rows["grass+fsdp2+stream"]
+        assert adamw_fsdp["state_device_bytes"] == adamw_fsdp["estimate_state_bytes"]
+        assert inactive["state_device_bytes"] == inactive["estimate_state_bytes"]  # 2 blocks + outside, sharded
+        assert stream["state_device_bytes"] < inactive["state_device_bytes"] < grass_fsdp["state_device_bytes"]
+        assert inactive["state_host_bytes"] > 0 and stream["state_host_bytes"] > 0
+        for name, r in rows.items():
+            if name.startswith("grass"):
+                assert r[f"same_params_as_grass+{'fsdp2' if 'fsdp2' in name else 'ddp'}"], name
+    assert [r["grad_memory_bytes"] for r in ranks[0]["rows"]] == [r["grad_memory_bytes"] for r in ranks[1]["rows"]]
+
+
 # ----------------------------------------------------------------------------- FSDP2
 @pytest.mark.parametrize("active_layers", [1, 2])
 def test_fsdp2_importance_and_training_match_one_process(pool, active_layers):
