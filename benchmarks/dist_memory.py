@@ -8,9 +8,10 @@ method, GrassAdamW training 2 blocks at a time (a redraw every 2 steps, no probi
 per step it counts, after backward and before ``step()``, the gradient memory: for DDP the reducer's
 buckets (one slot for every registered parameter, frozen or not) plus the ``.grad`` tensors, which
 are separate storages unless ``gradient_as_bucket_view=True``; for FSDP2 the local gradient shards.
-After ``step()`` it reads the optimizer state with ``memory_report`` (this rank's shards on the
-device and parked on the host). Steps 2.. count (in a multi-process run GrassAdamW freezes from the
-end of step 1). ``estimate_memory`` predicts the same per rank (``world_size=2`` for FSDP2).
+After ``step()`` it reads the optimizer state with ``memory_report``: this rank's shards on the
+device (the most held between steps), parked on the host now, and the host buffers allocated so
+far. Steps 2.. count (in a multi-process run GrassAdamW freezes from the end of step 1).
+``estimate_memory`` predicts the same per rank (``world_size=2`` for FSDP2).
 Results: docs/benchmarks.md; what each path saves: docs/guides/ddp.md and docs/guides/fsdp2.md.
 """
 
@@ -125,7 +126,9 @@ def run_method(method: str, rank: int, world: int, steps: int) -> dict[str, Any]
         # Gradient memory held after backward: the buckets, plus the .grad tensors unless they are views of them.
         "grad_memory_bytes": buckets + (0 if views else grad_tensors),
         "state_device_bytes": max(device[i] for i in later),  # the most held between steps
-        "state_host_bytes": host[-1],
+        "state_host_bytes": host[-1],  # parked now
+        # host buffers allocated for parking: every block parked at least once (what estimate_memory predicts)
+        "host_buffer_bytes": opt.memory_report().host_buffer_bytes if grass else 0,  # type: ignore[attr-defined]
         "blocks_visited": len(visited),
         "params": params,
     }
@@ -192,16 +195,18 @@ def table(ranks: list[dict[str, Any]]) -> str:
     def kib(x: int | None) -> str:
         return "n/a" if x is None else f"{x / KB:.1f}"
 
-    keys = ("weight_bytes", "bucket_bytes", "grad_memory_bytes", "state_device_bytes", "state_host_bytes")
+    keys = ("weight_bytes", "bucket_bytes", "grad_memory_bytes", "state_device_bytes", "state_host_bytes",
+            "host_buffer_bytes")
     header = ["method", "weights", "DDP buckets", "gradient memory", "(estimate)", "state on device",
-              "(estimate)", "state on host", "(estimate)", "blocks visited", "ranks equal", "same params as no offload"]
+              "(estimate)", "state parked", "host buffers", "(estimate)", "blocks visited", "ranks equal",
+              "same params as no offload"]
     out = []
     for i, r in enumerate(ranks[0]["rows"]):
         equal = all(all(other["rows"][i][k] == r[k] for k in keys) for other in ranks[1:])
         same = next((str(v) for k, v in r.items() if k.startswith("same_params_as_")), "n/a")
         out.append([r["method"], kib(r["weight_bytes"]), kib(r["bucket_bytes"]), kib(r["grad_memory_bytes"]),
                     kib(r["estimate_grad_bytes"]), kib(r["state_device_bytes"]), kib(r["estimate_state_bytes"]),
-                    kib(r["state_host_bytes"]), kib(r["estimate_host_bytes"]),
+                    kib(r["state_host_bytes"]), kib(r["host_buffer_bytes"]), kib(r["estimate_host_bytes"]),
                     str(r["blocks_visited"]) if r["method"].startswith("grass") else "all", str(equal), same])
     return markdown_table(header, out)
 
