@@ -49,8 +49,8 @@ BATCH_PER_RANK = 4
 SEED = 0
 ACTIVE = 2
 KB = 1024
-METHODS = ("adamw+ddp", "grass+ddp", "grass+ddp+bucket_view", "adamw+fsdp2", "grass+fsdp2", "grass+fsdp2+inactive",
-           "grass+fsdp2+stream")
+METHODS = ("adamw+ddp", "grass+ddp", "grass+ddp+bucket_view", "grass+ddp+inactive", "adamw+fsdp2", "grass+fsdp2",
+           "grass+fsdp2+inactive", "grass+fsdp2+stream")
 ESTIMATE_ROW = {"adamw": "adamw", "grass": "grass", "inactive": "grass-inactive", "stream": "grass-stream"}
 
 
@@ -199,7 +199,7 @@ def table(ranks: list[dict[str, Any]]) -> str:
             "host_buffer_bytes")
     header = ["method", "weights", "DDP buckets", "gradient memory", "(estimate)", "state on device",
               "(estimate)", "state parked", "host buffers", "(estimate)", "blocks visited", "ranks equal",
-              "same params as no offload"]
+              "same params as grass (same wrapper)"]
     out = []
     for i, r in enumerate(ranks[0]["rows"]):
         equal = all(all(other["rows"][i][k] == r[k] for k in keys) for other in ranks[1:])

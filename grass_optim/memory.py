@@ -99,7 +99,8 @@ class MemoryEstimate:
     buffers are packed into, :class:`~grass_optim.offload.HostPool`).
     Methods: ``adamw``; ``lisa`` (uniform sampling, states kept on the device: once every block has
     been visited they all are there); ``grass`` (same, without offloading); ``grass-inactive`` and
-    ``grass-stream`` (the offload modes). Activations are not included.
+    ``grass-stream`` (the offload modes). Activations are not included. With ``world_size > 1``
+    every byte is one rank's share under FSDP2 (:func:`estimate_memory`).
     """
 
     rows: dict[str, dict[str, int]]

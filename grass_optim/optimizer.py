@@ -109,7 +109,9 @@ class GrassAdamW(Optimizer):
             between steps every block's state is on the host except the first block of the next
             update (prefetched during forward/backward); ``step()`` updates the active blocks one
             by one, prefetching the next and writing back the previous. Parameters outside the
-            blocks keep their state on the device. See ``docs/offload.md`` (default: None).
+            blocks keep their state on the device. Under FSDP2 each rank parks the local shards of
+            its state (still DTensors, sharded like their parameters). See ``docs/offload.md``
+            (default: None).
         offload_overlap (bool, optional): ``False`` waits for each copy as soon as it is issued
             (a baseline that shows what the overlap buys; results are identical) (default: True).
         layers (str, list of str or list of nn.Module, optional): the blocks; ``None`` finds every

@@ -14,8 +14,8 @@ import pytest
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["adamw+ddp", "grass+ddp", "grass+ddp+bucket_view", "adamw+fsdp2", "grass+fsdp2", "grass+fsdp2+inactive",
-           "grass+fsdp2+stream"]
+METHODS = ["adamw+ddp", "grass+ddp", "grass+ddp+bucket_view", "grass+ddp+inactive", "adamw+fsdp2", "grass+fsdp2",
+           "grass+fsdp2+inactive", "grass+fsdp2+stream"]
 
 
 @pytest.mark.slow

@@ -188,6 +188,9 @@ def test_gradient_and_state_memory_per_rank_under_ddp_and_fsdp2(pool):
         assert adamw_ddp["bucket_bytes"] == grass_ddp["bucket_bytes"] == view["bucket_bytes"] == model
         assert adamw_ddp["grad_memory_bytes"] == 2 * model  # buckets + separate .grad tensors
         assert model < grass_ddp["grad_memory_bytes"] < 2 * model and view["grad_memory_bytes"] == model
+        ddp_inactive = rows["grass+ddp+inactive"]  # offloading under DDP: state parked, gradients unchanged
+        assert ddp_inactive["grad_memory_bytes"] == grass_ddp["grad_memory_bytes"]
+        assert ddp_inactive["state_device_bytes"] == ddp_inactive["estimate_state_bytes"]
         adamw_fsdp, grass_fsdp = rows["adamw+fsdp2"], rows["grass+fsdp2"]
         assert adamw_fsdp["weight_bytes"] == adamw_fsdp["grad_memory_bytes"] == model // 2  # even shards here
         for name in ("adamw+fsdp2", "grass+fsdp2", "grass+fsdp2+inactive", "grass+fsdp2+stream"):
