@@ -222,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
         serve(_rank)
         return
     steps = args.steps or (6 if args.quick else 24)
+    env = environment("cpu")  # the commit as the run starts
     ranks = run_ranks(2, steps)
     r0 = ranks[0]
     result = {"command": "python benchmarks/dist_memory.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
-              "environment": environment("cpu"), "config": CONFIG.as_dict(), "ranks": ranks}
+              "environment": env, "config": CONFIG.as_dict(), "ranks": ranks}
     print(f"model {r0['model_bytes'] / KB:.1f} KiB fp32, {r0['num_layers']} blocks, active_layers={ACTIVE}, "
           f"2 ranks (gloo, CPU), {steps} steps per method; KiB per rank (rank 0)")
     print(table(ranks))
