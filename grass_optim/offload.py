@@ -69,8 +69,9 @@ def wrap_like(shard: Tensor, like: Tensor) -> Tensor:
     shape over it (no copy, no communication), or ``shard`` itself for a plain tensor."""
     if not is_dtensor(like):
         return shard
-    return DTensor.from_local(shard, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                              stride=like.stride())
+    # The constructor, not DTensor.from_local: from_local moves its tensor to the mesh's device type,
+    # which would copy a parked shard straight back to the accelerator.
+    return DTensor(shard, like._spec, requires_grad=False)
 
 
 class StateOffloader:

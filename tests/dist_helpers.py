@@ -469,6 +469,42 @@ def fsdp_offload_equal(rank: int, world: int, *, steps: int, mode: str, **grass:
     return out
 
 
+def offload_dtensor_of_another_device_type(rank: int, world: int) -> dict[str, Any]:
+    """Park and prefetch a DTensor state whose mesh is on ``cuda`` while its shard is on this CPU:
+    what parking does on a GPU (the host buffer is on another device than the mesh), without one.
+    ``DTensor.from_local`` would move a parked shard to the mesh's device type."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from grass_optim.memory import memory_report
+    from grass_optim.offload import StateOffloader
+
+    mesh = DeviceMesh("cuda", torch.arange(world), _init_backend=False)  # no CUDA needed until used
+    cpu_mesh = DeviceMesh("cpu", torch.arange(world))
+    spec = DTensor.from_local(torch.zeros(4, 3), cpu_mesh, [Shard(0)], run_check=False)._spec
+    spec = type(spec)(mesh, spec.placements, tensor_meta=spec.tensor_meta)
+    param = DTensor(torch.zeros(4, 3), spec, requires_grad=False)
+    values = torch.arange(12.0).reshape(4, 3) + rank
+    st: dict[str, Any] = {"exp_avg": DTensor(values.clone(), spec, requires_grad=False), "step": torch.tensor(3.0)}
+    off = StateOffloader(torch.device("cpu"))
+    out: dict[str, Any] = {"error": None}
+    try:
+        off.offload(0, [(param, st)])
+        parked = st["exp_avg"]
+        buffer = off._host[(id(param), "exp_avg")]
+        out["parked"] = (type(parked).__name__, parked.device_mesh.device_type, parked.placements == param.placements,
+                         parked.shape == param.shape, off.is_parked(param, "exp_avg", parked),
+                         parked._local_tensor.data_ptr() == buffer.data_ptr())
+        out["report"] = (memory_report({param: st}, None, off).host_state_bytes, off.host_buffer_bytes)
+        off.prefetch(0, [(param, st)])
+        back = st["exp_avg"]
+        out["back"] = (type(back).__name__, back.device_mesh.device_type, torch.equal(back._local_tensor, values),
+                       off.is_parked(param, "exp_avg", back))
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
 def fsdp_offload_memory(rank: int, world: int, *, steps: int, active_layers: int) -> dict[str, Any]:
     """FSDP2 + ``offload="inactive"`` on a model whose head (3 rows) the 2 ranks shard unevenly: this
     rank's ``memory_report()`` after every step vs. the bytes of its own shards, counted here; and
@@ -726,5 +762,6 @@ TASKS = {f.__name__: f for f in (
     ddp_train, ddp_resume, ddp_invalid_wrappers, ddp_built_while_frozen, ddp_wrapped_after_first_step, seeds, ddp_comm,
     dist_memory,
     fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload_equal, fsdp_offload_memory,
+    offload_dtensor_of_another_device_type,
     fsdp_resume_torch_save, fsdp_dcp_probe,
     fsdp_resume_dcp)}

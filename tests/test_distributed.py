@@ -300,6 +300,17 @@ def test_fsdp2_offload_resume_from_per_rank_torch_save(pool, tmp_path, mode):
         assert out["equal"] and out["state_equal"], out["max_diff"]
 
 
+def test_parked_dtensor_shard_stays_on_the_host_when_the_mesh_is_on_another_device(pool):
+    """On a GPU the mesh is on "cuda" and the host buffer is not: the parked state must be a DTensor
+    over the host buffer itself (failed with DTensor.from_local, which moves its tensor to the
+    mesh's device type: on a GPU, a stale device copy of the parked shard)."""
+    for rank, out in enumerate(pool.values("offload_dtensor_of_another_device_type")):
+        assert out["error"] is None, out["error"]
+        assert out["parked"] == ("DTensor", "cuda", True, True, True, True), rank
+        assert out["report"] == (4 * 3 * 4, 4 * 3 * 4)  # this rank's shard, parked, counted once
+        assert out["back"] == ("DTensor", "cuda", True, False), rank
+
+
 def test_fsdp2_offload_memory_report_and_estimate_per_rank(pool):
     """memory_report() on each rank counts its own shards, on the device and parked; estimate_memory(
     world_size=2, rank=r) predicts them exactly, with the uneven dim-0 cut of a 3-row head (failed
