@@ -361,3 +361,13 @@ def test_example_fsdp2_quick(tmp_path):
     assert re.search(r"resumed from .* at step \d+", out), out
     assert "resumed run matches the uninterrupted one: True" in out, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.pt", "rank1.pt"]
+
+
+@pytest.mark.slow
+def test_example_fsdp2_offload_quick(tmp_path):
+    """examples/fsdp2.py with --offload inactive: parked shards, a resume that matches (~35 s)."""
+    out = _torchrun("examples/fsdp2.py", "--quick", "--check-resume", "--offload", "inactive",
+                    "--ckpt-dir", str(tmp_path)).stdout
+    assert "resumed run matches the uninterrupted one: True" in out, out
+    parked = re.search(r"optimizer state on rank 0: ([\d.]+) KiB on the device, ([\d.]+) KiB parked", out)
+    assert parked is not None and float(parked.group(2)) > 0, out
