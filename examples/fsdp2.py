@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 examples/fsdp2.py                   # ~1 minute on 2 CPU cores (gloo)
     torchrun --nproc_per_node=2 examples/fsdp2.py --quick --check-resume   # ~20 s (tests/test_distributed.py)
+    torchrun --nproc_per_node=2 examples/fsdp2.py --offload inactive      # inactive blocks' shards on the host
 
 On GPUs (one per process) it uses NCCL; otherwise gloo on the CPU. The model and the task are those
 of ``examples/ddp.py``: a small GPT-style decoder whose blocks are ``model.layers``, learning
@@ -18,8 +19,8 @@ What matters for GRASS under FSDP2 (docs/guides/fsdp2.md):
   * ``fully_shard`` every block, then the root, *before* building GrassAdamW: it then sees the
     sharded parameters. Each block's gradient norm is summed over the shards of all ranks, so the
     scores, and the draws, are the same on every rank and equal to an unsharded run's.
-  * ``offload=`` is not supported with sharded parameters yet (FSDP2 already divides the optimizer
-    state by the number of ranks).
+  * ``offload="inactive"`` (``--offload inactive``) parks each rank's shards of the inactive blocks'
+    state on its host; results are bit-identical to no offloading (docs/offload.md).
   * Checkpoints: ``save_checkpoint``/``load_checkpoint``, not torch's ``get_optimizer_state_dict``
     on the optimizer (it drops the ``"grass"`` entry, and may call ``step()``: see the guide). They
     may be called anywhere in the loop, probing included, without changing the run.
@@ -99,7 +100,10 @@ def main() -> None:
     p.add_argument("--ckpt-dir", default="runs/fsdp2_example", help="the checkpoint's directory (DCP)")
     p.add_argument("--check-resume", action="store_true",
                    help="also train without interruption and compare the final parameters")
+    p.add_argument("--offload", choices=["none", "inactive", "stream"], default="none",
+                   help="where the blocks' optimizer state lives (GrassAdamW's offload=)")
     args = p.parse_args()
+    offload = None if args.offload == "none" else args.offload
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     switch_every = 8 if args.quick else SWITCH_EVERY
     log_every = 10 if args.quick else 50
@@ -122,7 +126,7 @@ def main() -> None:
             fully_shard(layer)  # each block is one FSDP unit: its parameters become DTensor shards
         fully_shard(model)  # the root: embeddings, final norm, head
         opt = GrassAdamW(model, lr=LR, active_layers=ACTIVE_LAYERS, switch_every=switch_every,
-                         probe_steps=PROBE_STEPS)  # seed=None: rank 0's seed, broadcast to all ranks
+                         probe_steps=PROBE_STEPS, offload=offload)  # seed=None: rank 0's seed, on all ranks
         return model, opt
 
     def batch(step: int) -> torch.Tensor:
@@ -175,6 +179,9 @@ def main() -> None:
         print("importance:   ", [round(v, 5) for v in opt.importance.tolist()])
         print("probabilities:", [round(v, 3) for v in opt.probabilities.tolist()])
         print(f"{elapsed:.1f} s, {1e3 * elapsed / steps:.1f} ms/step")
+        r = opt.memory_report()  # this rank's shards
+        print(f"optimizer state on rank 0: {r.device_state_bytes / 1024:.1f} KiB on the device, "
+              f"{r.host_state_bytes / 1024:.1f} KiB parked on the host (offload={offload!r})")
 
     if args.check_resume:
         ref_model, ref_opt = build()

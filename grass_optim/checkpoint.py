@@ -2,7 +2,7 @@
 
 * ``"state"`` and ``"param_groups"``: what ``torch.optim.Optimizer.state_dict`` makes of the base
   optimizer's state and per-block groups (each carries ``"grass_block"``). With offloading, every
-  state tensor is a host copy, wherever it lives.
+  state tensor is a host copy, wherever it lives (FSDP2: a DTensor over a host copy of its shard).
 * ``"grass"``: the schedule's fields (:meth:`Schedule.state_dict <grass_optim.schedule.Schedule.state_dict>`)
   plus ``"history"`` and ``"history_steps"`` (plots only; ``None`` when not recorded), and, only when
   saved between a step that raised part-way and its retry, ``"progress"``: the parts of that step's
@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .offload import is_dtensor, local, wrap_like
 from .placement import Progress
 
 __all__ = ["GRASS", "HISTORY", "HISTORY_DROPPED", "HISTORY_STEPS", "PROGRESS", "check_progress", "grass_entry",
@@ -68,7 +69,15 @@ def grass_entry(state_dict: Any) -> dict[str, Any]:
 
 def host_copies(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
     """Every state tensor on the host: one place for every state, whatever its home."""
-    return {i: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in st.items()} for i, st in state.items()}
+    return {i: {k: _on_host(v) if isinstance(v, Tensor) else v for k, v in st.items()} for i, st in state.items()}
+
+
+def _on_host(v: Tensor) -> Tensor:
+    if is_dtensor(v):
+        # A new shard, sharded as before: a parked DTensor views its slab at an offset, and torch.save
+        # cannot write a DTensor whose local tensor does not start its storage (torch 2.13).
+        return wrap_like(local(v).to("cpu", copy=True), v)
+    return v.cpu()
 
 
 def split_parked(state_dict: dict[str, Any], params: Sequence[Tensor], blocks: Sequence[Sequence[Tensor]],

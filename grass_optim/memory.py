@@ -9,6 +9,7 @@ holds under each ``offload=`` mode comes from :class:`~grass_optim.placement.Off
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from .config import DEFAULT_ACTIVE_LAYERS, DEFAULT_OUTSIDE_BLOCKS, OUTSIDE_BLOCKS_CHOICES, check_choice, check_int
 from .freezing import is_trainable
 from .layers import LayerPartition, find_layers
-from .offload import HostPool, StateOffloader
+from .offload import HostPool, StateOffloader, local_bytes
 from .placement import OffloadPolicy
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def memory_report(state: Mapping[Any, dict[str, Any]], partition: LayerPartition
 
     A state tensor is *on the device* when it is on its parameter's device and not parked in one of
     ``offloader``'s host buffers. Without ``partition`` every parameter counts as outside the blocks.
+    Bytes are this process's: a sharded state (FSDP2's DTensors) counts its local shard.
     """
     per_block = [0] * (partition.num_layers if partition is not None else 0)
     outside = host = scalars = 0
@@ -64,7 +66,7 @@ def memory_report(state: Mapping[Any, dict[str, Any]], partition: LayerPartition
         for k, v in st.items():
             if not isinstance(v, Tensor):
                 continue
-            nbytes = v.numel() * v.element_size()
+            nbytes = local_bytes(v)  # this rank's: a sharded (FSDP2) state counts its local shard
             if v.dim() == 0:
                 scalars += nbytes  # step counters: never moved, a few bytes each
             elif (offloader is not None and offloader.is_parked(p, k, v)) or v.device != p.device:
@@ -97,7 +99,8 @@ class MemoryEstimate:
     buffers are packed into, :class:`~grass_optim.offload.HostPool`).
     Methods: ``adamw``; ``lisa`` (uniform sampling, states kept on the device: once every block has
     been visited they all are there); ``grass`` (same, without offloading); ``grass-inactive`` and
-    ``grass-stream`` (the offload modes). Activations are not included.
+    ``grass-stream`` (the offload modes). Activations are not included. With ``world_size > 1``
+    every byte is one rank's share under FSDP2 (:func:`estimate_memory`).
     """
 
     rows: dict[str, dict[str, int]]
@@ -121,7 +124,7 @@ class MemoryEstimate:
 def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAYERS,
                     layers: str | Sequence[str] | Sequence[nn.Module] | None = None,
                     outside_blocks: str = DEFAULT_OUTSIDE_BLOCKS, state_tensors_per_param: int = 2,
-                    state_dtype: torch.dtype | None = None) -> MemoryEstimate:
+                    state_dtype: torch.dtype | None = None, world_size: int = 1, rank: int = 0) -> MemoryEstimate:
     """Predict device memory for weights, gradients and optimizer state, before training.
 
     Bounds are taken over the ``active_layers`` largest blocks, so they hold whichever are drawn.
@@ -137,18 +140,39 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
             2 for AdamW's moments, 1 for SGD with momentum (default: 2).
         state_dtype (torch.dtype, optional): dtype of the state; ``None`` means each parameter's
             own dtype, as torch.optim allocates it (default: None).
+        world_size (int, optional): ranks that FSDP2 (``fully_shard``) shards every parameter over;
+            weights, gradients and state are then ``rank``'s shards: dim 0 cut as ``torch.chunk``
+            cuts it (``ceil(rows / world_size)`` rows per rank, the last ranks fewer). Sizes are
+            read from the global shapes, so ``model`` may be sharded already or not. FSDP2's
+            all-gathered blocks during forward/backward are not included. DDP replicates everything
+            and its buckets hold every gradient: leave 1 and see ``docs/guides/ddp.md`` (default: 1).
+        rank (int, optional): the rank to count, in ``[0, world_size)``; rank 0 holds the most
+            (default: 0).
     """
     part = find_layers(model, layers)
     check_int("active_layers", active_layers, 1, part.num_layers)
     check_choice("outside_blocks", outside_blocks, OUTSIDE_BLOCKS_CHOICES)
     check_int("state_tensors_per_param", state_tensors_per_param, 0)
+    check_int("world_size", world_size, 1)
+    check_int("rank", rank, 0, world_size - 1)
+
+    def shape(p: torch.Tensor) -> tuple[int, ...]:
+        """This rank's shard of ``p`` (its global shape, even for a DTensor): FSDP2 chunks dim 0."""
+        if world_size == 1 or p.dim() == 0:
+            return tuple(p.shape)
+        rows = p.shape[0]
+        per = -(-rows // world_size)
+        return (max(0, min(per, rows - rank * per)), *p.shape[1:])
+
+    def numel(p: torch.Tensor) -> int:
+        return math.prod(shape(p))
 
     def size(p: torch.Tensor) -> int:
-        return p.numel() * p.element_size()
+        return numel(p) * p.element_size()
 
     def state(p: torch.Tensor) -> int:
         item = p.element_size() if state_dtype is None else state_dtype.itemsize
-        return state_tensors_per_param * p.numel() * item
+        return state_tensors_per_param * numel(p) * item
 
     weights = sum(size(p) for p in {id(p): p for p in model.parameters()}.values())
     blocks = [[p for p in ps if is_trainable(p)] for ps in part.block_params]
@@ -165,7 +189,7 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
     for ps in blocks:
         for p in ps:
             for _ in range(state_tensors_per_param):
-                pool.take(p.shape, p.dtype if state_dtype is None else state_dtype)
+                pool.take(shape(p), p.dtype if state_dtype is None else state_dtype)
     pinned = pool.reserved_bytes
 
     def row(grads: int, opt_state: int, mode: str | None = None, offload: bool = False) -> dict[str, int]:

@@ -15,6 +15,11 @@ buffers, so every code path, and every test of it, also runs without an accelera
 
 Only tensors with at least one dimension move (moments, second moments, momentum buffers); 0-d
 tensors such as AdamW's ``step`` stay where the base optimizer keeps them.
+
+FSDP2: the state of a sharded parameter is a DTensor. Only its local shard moves, into this rank's
+host buffer; while parked the state holds a DTensor over that buffer (the same mesh, placements and
+global shape, made once and reused), and a prefetch wraps the device copy the same way, so the base
+optimizer, ``state_dict()`` and ``memory_report()`` always see a DTensor sharded like its parameter.
 """
 
 from __future__ import annotations
@@ -22,12 +27,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
 
-__all__ = ["HostPool", "StateOffloader", "pinned_size", "resolve_timings", "timings_ready"]
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: there is no sharded state then
+    DTensor = None  # type: ignore[assignment, misc]
+
+__all__ = ["HostPool", "StateOffloader", "is_dtensor", "local", "local_bytes", "pinned_size", "resolve_timings",
+           "timings_ready", "wrap_like"]
 
 # (parameter, its state dict in the base optimizer)
 ParamState = tuple[Tensor, dict[str, Any]]
@@ -35,6 +46,32 @@ ParamState = tuple[Tensor, dict[str, Any]]
 
 def _movable(value: Any) -> bool:
     return isinstance(value, Tensor) and value.dim() > 0
+
+
+def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """What is stored on this rank: a DTensor's local shard, or the tensor itself."""
+    # _local_tensor, not to_local(): with grad enabled to_local() returns a new autograd view.
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def local_bytes(t: Tensor) -> int:
+    """Bytes this rank stores for ``t`` (a DTensor's ``numel()`` is its global size)."""
+    t = local(t)
+    return t.numel() * t.element_size()
+
+
+def wrap_like(shard: Tensor, like: Tensor) -> Tensor:
+    """``shard`` as the state ``like`` was: a DTensor with ``like``'s mesh, placements and global
+    shape over it (no copy, no communication), or ``shard`` itself for a plain tensor."""
+    if not is_dtensor(like):
+        return shard
+    # The constructor, not DTensor.from_local: from_local moves its tensor to the mesh's device type,
+    # which would copy a parked shard straight back to the accelerator.
+    return DTensor(shard, like._spec, requires_grad=False)
 
 
 class StateOffloader:
@@ -56,6 +93,8 @@ class StateOffloader:
             self._to_host = torch.Stream(device=self.device)
             self._to_device = torch.Stream(device=self.device)
         self._host: dict[tuple[int, str], Tensor] = {}  # (id(param), key) -> host buffer
+        # (id(param), key) -> what the state holds while parked: the buffer, or a DTensor over it
+        self._parked: dict[tuple[int, str], Tensor] = {}
         self._pool = HostPool(pinned=self.asynchronous)
         self._pending: dict[Any, torch.Event] = {}  # unit -> event of its last transfer
         self.bytes_to_host = 0
@@ -68,8 +107,8 @@ class StateOffloader:
 
     # -------------------------------------------------------------- queries
     def is_parked(self, param: Tensor, key: str, value: Any) -> bool:
-        """True when ``value`` is the host buffer of ``param``'s state ``key``."""
-        return self._host.get((id(param), key)) is value
+        """True when ``value`` is the host buffer of ``param``'s state ``key`` (or the DTensor over it)."""
+        return self._parked.get((id(param), key)) is value
 
     @property
     def host_buffer_bytes(self) -> int:
@@ -89,12 +128,13 @@ class StateOffloader:
                  if _movable(v) and not self.is_parked(p, k, v)]
         if not moves:
             return
-        nbytes = sum(v.numel() * v.element_size() for _, _, _, v in moves)
+        nbytes = sum(local_bytes(v) for _, _, _, v in moves)
         self.bytes_to_host += nbytes
         if not self.asynchronous:
             t0 = time.perf_counter()
             for p, st, k, v in moves:
-                st[k] = self._host_buffer(p, k, v).copy_(v)
+                self._host_buffer(p, k, v).copy_(local(v))
+                st[k] = self._parked[(id(p), k)]
             self._time_host("to_host", nbytes, t0)
             return
         buffers = [self._host_buffer(p, k, v) for p, _, k, v in moves]
@@ -105,11 +145,12 @@ class StateOffloader:
         start = self._timing_event(self._to_host)
         try:
             with self._to_host:
-                for (_, st, k, v), host in zip(moves, buffers, strict=True):
+                for (p, st, k, value), host in zip(moves, buffers, strict=True):
+                    v = local(value)
                     host.copy_(v, non_blocking=True)
                     # v is dropped below while the copy may still read it: keep its memory from being reused.
                     v.record_stream(self._to_host)
-                    st[k] = host
+                    st[k] = self._parked[(id(p), k)]
         finally:  # even if a copy failed part-way, the unit's event covers the copies already issued
             self._record(unit, self._to_host, "to_host", nbytes, start)
 
@@ -119,16 +160,16 @@ class StateOffloader:
                  if _movable(v) and self.is_parked(p, k, v)]
         if not moves:
             return
-        nbytes = sum(v.numel() * v.element_size() for _, _, _, v in moves)
+        nbytes = sum(local_bytes(v) for _, _, _, v in moves)
         self.bytes_to_device += nbytes
         if not self.asynchronous:
             t0 = time.perf_counter()
             for _, st, k, v in moves:
-                st[k] = v.to(self.device, copy=True)
+                st[k] = wrap_like(local(v).to(self.device, copy=True), v)
             self._time_host("to_device", nbytes, t0)
             return
         # Allocate on the compute stream, which will use (and later free) these tensors.
-        targets = [self._empty_on_device(v) for _, _, _, v in moves]
+        targets = [self._empty_on_device(local(v)) for _, _, _, v in moves]
         # The memory just allocated may have been freed by work still queued on the compute stream.
         self._to_device.wait_stream(torch.accelerator.current_stream(self.device))
         # A write-back of this unit into the same host buffers may still be in flight.
@@ -137,11 +178,11 @@ class StateOffloader:
         try:
             with self._to_device:
                 for (_, st, k, v), d in zip(moves, targets, strict=True):
-                    d.copy_(v, non_blocking=True)
+                    d.copy_(local(v), non_blocking=True)
                     # If d is dropped before the compute stream waits for this copy (the state replaced,
                     # the optimizer deleted), its memory must not go to compute while the copy writes it.
                     d.record_stream(self._to_device)
-                    st[k] = d
+                    st[k] = wrap_like(d, v)
         finally:  # even if a copy failed part-way, the unit's event covers the copies already issued
             self._record(unit, self._to_device, "to_device", nbytes, start)
 
@@ -170,12 +211,14 @@ class StateOffloader:
     def load_parked(self, items: Iterable[tuple[Tensor, dict[str, Any], str, Tensor]]) -> None:
         """Put checkpointed values straight into host buffers: ``(param, state, key, value)``.
 
-        Floating-point values take the parameter's dtype, as ``Optimizer.load_state_dict`` does.
-        Host to host, on the calling thread: nothing is in flight afterwards.
+        Floating-point values take the parameter's dtype, as ``Optimizer.load_state_dict`` does; a
+        DTensor's local shard is what is kept. Host to host, on the calling thread: nothing is in
+        flight afterwards.
         """
         for p, st, k, v in items:
             value = v.to(dtype=p.dtype) if p.is_floating_point() else v
-            st[k] = self._host_buffer(p, k, value).copy_(value)
+            self._host_buffer(p, k, value).copy_(local(value))
+            st[k] = self._parked[(id(p), k)]
 
     # -------------------------------------------------------------- internals
     def _empty_on_device(self, like: Tensor) -> Tensor:
@@ -183,11 +226,14 @@ class StateOffloader:
         return torch.empty_like(like, device=self.device)
 
     def _host_buffer(self, param: Tensor, key: str, like: Tensor) -> Tensor:
+        """The host buffer for ``like``'s local shard, and what the state will hold while parked."""
+        shard = local(like)
         buf = self._host.get((id(param), key))
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            buf = self._pool.take(like.shape, like.dtype)  # a changed shape abandons the old one (rare)
+        if buf is None or buf.shape != shard.shape or buf.dtype != shard.dtype:
+            buf = self._pool.take(shard.shape, shard.dtype)  # a changed shape abandons the old one (rare)
             assert buf is not None
             self._host[(id(param), key)] = buf
+            self._parked[(id(param), key)] = wrap_like(buf, like)
         return buf
 
     def _stream_waits_for_unit(self, stream: torch.Stream, unit: Any) -> None:

@@ -110,7 +110,9 @@ class GrassAdamW(Optimizer):
             between steps every block's state is on the host except the first block of the next
             update (prefetched during forward/backward); ``step()`` updates the active blocks one
             by one, prefetching the next and writing back the previous. Parameters outside the
-            blocks keep their state on the device. See ``docs/offload.md`` (default: None).
+            blocks keep their state on the device. Under FSDP2 each rank parks the local shards of
+            its state (still DTensors, sharded like their parameters). See ``docs/offload.md``
+            (default: None).
         offload_overlap (bool, optional): ``False`` waits for each copy as soon as it is issued
             (a baseline that shows what the overlap buys; results are identical) (default: True).
         layers (str, list of str or list of nn.Module, optional): the blocks; ``None`` finds every
@@ -189,10 +191,6 @@ class GrassAdamW(Optimizer):
         trainable = [p for ps in self.partition.block_params for p in ps if is_trainable(p)]
         D.check_ddp(model, trainable)
         sharded = any(D.is_sharded(p) for p in trainable)
-        if sharded and self.config.offload is not None:
-            raise ValueError(f"Invalid offload: {self.config.offload!r} with sharded (FSDP2/DTensor) parameters: "
-                             "offloading sharded optimizer state is not supported yet; use offload=None "
-                             "(FSDP2 already divides the state across ranks)")
 
         # 2. The base optimizer (built, or wrapped: its groups are split per block in place).
         adamw_kwargs = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}

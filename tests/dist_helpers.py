@@ -358,11 +358,16 @@ def seeds(rank: int, world: int, *, checks: bool) -> dict[str, Any]:
 
 def ddp_comm(rank: int, world: int, **kwargs: Any) -> dict[str, Any]:
     """``benchmarks/ddp_comm.py``'s measurement, on this pool's ranks."""
-    return _ddp_comm_module().measure(rank, world, **kwargs)
+    return _benchmark_module("ddp_comm").measure(rank, world, **kwargs)
 
 
-def _ddp_comm_module() -> Any:
-    spec = importlib.util.spec_from_file_location("ddp_comm", ROOT / "benchmarks" / "ddp_comm.py")
+def dist_memory(rank: int, world: int, **kwargs: Any) -> dict[str, Any]:
+    """``benchmarks/dist_memory.py``'s measurement, on this pool's ranks."""
+    return _benchmark_module("dist_memory").measure(rank, world, **kwargs)
+
+
+def _benchmark_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -413,17 +418,150 @@ def fsdp_built_before_sharding(rank: int, world: int, *, steps: int = 8) -> dict
     return out
 
 
-def fsdp_offload(rank: int, world: int) -> str:
-    try:
-        GrassAdamW(fsdp_model(), offload="inactive", active_layers=1)
-    except ValueError as err:
-        return f"ValueError: {err}"
-    return "no error"
-
-
 def local_bytes(t: torch.Tensor) -> int:
     t = t.to_local() if hasattr(t, "to_local") else t
     return t.numel() * t.element_size()
+
+
+def _local_snapshot(model: nn.Module, opt: GrassAdamW) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """This rank's parameter shards, flattened, and the local shard of every state tensor (a copy)."""
+    params = torch.cat([(p.to_local() if hasattr(p, "to_local") else p).detach().flatten()
+                        for p in model.parameters()])
+    state = [{k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in opt.state[p].items()}
+             for p in model.parameters() if p in opt.state]
+    return params, state
+
+
+def _same_state(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+                                    for sa, sb in zip(a, b, strict=True))
+
+
+def fsdp_offload_equal(rank: int, world: int, *, steps: int, mode: str, **grass: Any) -> dict[str, Any]:
+    """FSDP2 with ``offload=mode`` vs. FSDP2 without: this rank's parameter shards and optimizer state
+    after every step, bit for bit; and what the offloaded state looks like between steps."""
+    data = global_batches(steps)
+    snapshots: dict[Any, list[Any]] = {}
+    out: dict[str, Any] = {"state_types": set(), "state_like_param": True}
+    for offload in (None, mode):
+        model = fsdp_model()
+        opt = _fsdp_opt(model, offload=offload, **grass)
+        snapshots[offload] = []
+        history = []
+        for x, y in data:
+            opt.zero_grad()
+            loss_fn(model, shard(x, rank, world), shard(y, rank, world)).backward()
+            opt.step()
+            history.append(opt.active_layer_indices)
+            snapshots[offload].append(_local_snapshot(model, opt))
+            if offload is not None:
+                for p, st in opt.state.items():
+                    for v in st.values():
+                        if v.dim() > 0:  # moments: sharded like their parameter, parked or not
+                            out["state_types"].add(type(v).__name__)
+                            out["state_like_param"] &= (v.placements == p.placements and v.shape == p.shape
+                                                        and v.device_mesh == p.device_mesh)
+        out[f"history_{offload}"] = history
+        out[f"report_{offload}"] = opt.memory_report()
+    (ref, got) = snapshots[None], snapshots[mode]
+    out["params_equal"] = [torch.equal(a[0], b[0]) for a, b in zip(ref, got, strict=True)]
+    out["state_equal"] = [_same_state(a[1], b[1]) for a, b in zip(ref, got, strict=True)]
+    return out
+
+
+def offload_dtensor_of_another_device_type(rank: int, world: int) -> dict[str, Any]:
+    """Park and prefetch a DTensor state whose mesh is on ``cuda`` while its shard is on this CPU:
+    what parking does on a GPU (the host buffer is on another device than the mesh), without one.
+    ``DTensor.from_local`` would move a parked shard to the mesh's device type."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from grass_optim.memory import memory_report
+    from grass_optim.offload import StateOffloader
+
+    mesh = DeviceMesh("cuda", torch.arange(world), _init_backend=False)  # no CUDA needed until used
+    cpu_mesh = DeviceMesh("cpu", torch.arange(world))
+    spec = DTensor.from_local(torch.zeros(4, 3), cpu_mesh, [Shard(0)], run_check=False)._spec
+    spec = type(spec)(mesh, spec.placements, tensor_meta=spec.tensor_meta)
+    param = DTensor(torch.zeros(4, 3), spec, requires_grad=False)
+    values = torch.arange(12.0).reshape(4, 3) + rank
+    st: dict[str, Any] = {"exp_avg": DTensor(values.clone(), spec, requires_grad=False), "step": torch.tensor(3.0)}
+    off = StateOffloader(torch.device("cpu"))
+    out: dict[str, Any] = {"error": None}
+    try:
+        off.offload(0, [(param, st)])
+        parked = st["exp_avg"]
+        buffer = off._host[(id(param), "exp_avg")]
+        out["parked"] = (type(parked).__name__, parked.device_mesh.device_type, parked.placements == param.placements,
+                         parked.shape == param.shape, off.is_parked(param, "exp_avg", parked),
+                         parked._local_tensor.data_ptr() == buffer.data_ptr())
+        out["report"] = (memory_report({param: st}, None, off).host_state_bytes, off.host_buffer_bytes)
+        off.prefetch(0, [(param, st)])
+        back = st["exp_avg"]
+        out["back"] = (type(back).__name__, back.device_mesh.device_type, torch.equal(back._local_tensor, values),
+                       off.is_parked(param, "exp_avg", back))
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def fsdp_offload_memory(rank: int, world: int, *, steps: int, active_layers: int) -> dict[str, Any]:
+    """FSDP2 + ``offload="inactive"`` on a model whose head (3 rows) the 2 ranks shard unevenly: this
+    rank's ``memory_report()`` after every step vs. the bytes of its own shards, counted here; and
+    ``estimate_memory(world_size=2, rank=rank)`` vs. what was measured (and vs. AdamW on FSDP2)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from grass_optim import estimate_memory
+
+    def build() -> nn.Module:
+        model = make_net(seed=0, d=FSDP_D, d_out=3)
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+
+    data = global_batches(steps, d_out=3)
+    model = build()
+    opt = GrassAdamW(model, offload="inactive",
+                     **grass_kwargs(active_layers=active_layers, probe_steps=2, switch_every=2, seed=0))
+
+    def state_bytes(ps: list[nn.Parameter]) -> int:
+        return sum(local_bytes(v) for p in ps if p in opt.state for v in opt.state[p].values() if v.dim() > 0)
+
+    blocks = [list(b.parameters()) for b in model.layers]
+    outside = [p for m in (model.embed, model.head) for p in m.parameters()]
+    out: dict[str, Any] = {"reports": [], "expected": [], "grad_bytes": []}
+    visited: set[int] = set()
+    parked: set[int] = set()  # blocks that have been parked at least once: they have host buffers
+    for x, y in data:
+        opt.zero_grad()
+        loss_fn(model, shard(x, rank, world), shard(y, rank, world)).backward()
+        out["grad_bytes"].append(sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None))
+        opt.step()
+        active = set() if opt.is_probing else set(opt.active_layer_indices)
+        parked |= visited - active
+        visited |= active
+        r = opt.memory_report()
+        out["reports"].append((r.device_state_bytes, r.host_state_bytes, r.host_buffer_bytes))
+        out["expected"].append((state_bytes([p for i in sorted(active) for p in blocks[i]] + outside),
+                                state_bytes([p for i in range(len(blocks)) if i not in active for p in blocks[i]]),
+                                state_bytes([p for i in sorted(parked) for p in blocks[i]])))
+    out["visited"] = sorted(visited)
+    out["weight_bytes"] = sum(local_bytes(p) for p in model.parameters())
+    out["outside_state_bytes"] = state_bytes(outside)
+    # AdamW on the same sharded model, one step: state and gradients of every parameter's shard.
+    adamw_model = build()
+    adamw = torch.optim.AdamW(adamw_model.parameters(), lr=1e-2)
+    x, y = data[0]
+    loss_fn(adamw_model, shard(x, rank, world), shard(y, rank, world)).backward()
+    out["adamw_grad_bytes"] = sum(local_bytes(p.grad) for p in adamw_model.parameters())
+    adamw.step()
+    out["adamw_state_bytes"] = sum(local_bytes(v) for st in adamw.state.values() for v in st.values() if v.dim() > 0)
+    out["estimate"] = estimate_memory(make_net(seed=0, d=FSDP_D, d_out=3), active_layers=active_layers,
+                                      world_size=world, rank=rank).rows
+    out["estimate_of_sharded_model"] = estimate_memory(model, active_layers=active_layers, world_size=world,
+                                                       rank=rank).rows
+    return out
 
 
 def fsdp_comm(rank: int, world: int, *, steps: int = 6) -> dict[str, Any]:
@@ -478,25 +616,27 @@ def _fsdp_opt(model: nn.Module, **grass: Any) -> GrassAdamW:
 
 
 def fsdp_resume_torch_save(rank: int, world: int, *, tmpdir: str, steps: int, stop: int,
-                           weights_only: bool) -> dict[str, Any]:
+                           weights_only: bool, **grass: Any) -> dict[str, Any]:
     """Uninterrupted run vs. a run saved after ``stop`` steps (per-rank ``torch.save`` of the model's and
-    the optimizer's state dicts) and resumed into a fresh model and optimizer."""
+    the optimizer's state dicts) and resumed into a fresh model and optimizer (``grass``: e.g. offload)."""
     data = global_batches(steps)
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     train_steps(model, opt, data, rank, world)
     reference = flat_params(model)
+    final_state = _local_snapshot(model, opt)[1]
 
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     train_steps(model, opt, data[:stop], rank, world)
     path = Path(tmpdir) / f"rank{rank}.pt"
     torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
     saved_types = sorted({type(v).__name__ for st in opt.state_dict()["state"].values() for v in st.values()})
+    report_saved = opt.memory_report()
     del model, opt
 
     model = fsdp_model()
-    opt = _fsdp_opt(model)
+    opt = _fsdp_opt(model, **grass)
     out: dict[str, Any] = {"state_types": saved_types, "load_error": None}
     try:
         ckpt = torch.load(path, weights_only=weights_only)
@@ -506,9 +646,13 @@ def fsdp_resume_torch_save(rank: int, world: int, *, tmpdir: str, steps: int, st
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optim"])
     out["resumed_step"] = opt.num_steps
+    r = opt.memory_report()
+    out["report_saved_loaded"] = [(x.device_state_bytes, x.host_state_bytes) for x in (report_saved, r)]
     history = train_steps(model, opt, data[stop:], rank, world)
     resumed = flat_params(model)
+    state = _local_snapshot(model, opt)[1]
     out.update({"equal": torch.equal(resumed, reference), "max_diff": (resumed - reference).abs().max().item(),
+                "state_equal": _same_state(state, final_state),
                 "active_after": [h["active"] for h in history]})
     return out
 
@@ -625,6 +769,12 @@ def _with_state(model: nn.Module, opt: GrassAdamW) -> list[str]:
     return sorted(n for n, p in model.named_parameters() if opt.state.get(p))
 
 
+def _placed(opt: GrassAdamW) -> tuple[int, int]:
+    """This rank's optimizer-state bytes on the device and parked on the host."""
+    report = opt.memory_report()
+    return report.device_state_bytes, report.host_state_bytes
+
+
 def _dcp_model(wrapper: str) -> nn.Module:
     if wrapper == "fsdp":
         return fsdp_model()
@@ -654,18 +804,19 @@ def dcp_save_and_load(rank: int, world: int, *, wrapper: str, tmpdir: str, steps
         if (i, where) in save_at:
             path = Path(tmpdir) / f"{i}-{where}"
             save_checkpoint(path, model, opt)
-            saved[f"{i}-{where}"] = (path, _with_state(model, opt), i + 1 if where == "step" else i)
+            saved[f"{i}-{where}"] = (path, _with_state(model, opt), i + 1 if where == "step" else i, _placed(opt))
 
     torch.manual_seed(TORCH_SEED)
     out["actives"] = _train_at(model, opt, data, rank, world, at=save)
     out.update(rng=torch.get_rng_state(), with_state=_with_state(model, opt), params=flat_params(model),
-               saved_with_state={k: v[1] for k, v in saved.items()}, resumed={})
+               saved_with_state={k: v[1] for k, v in saved.items()}, saved_placed={k: v[3] for k, v in saved.items()},
+               resumed={})
     del model, opt
-    for key, (path, _, start) in saved.items():
+    for key, (path, _, start, _) in saved.items():
         model = _dcp_model(wrapper)
         opt = _fsdp_opt(model, **{**grass, "seed": 1234})
         load_checkpoint(path, model, opt)
-        entry = {"with_state": _with_state(model, opt), "step": opt.num_steps,
+        entry = {"with_state": _with_state(model, opt), "step": opt.num_steps, "placed": _placed(opt),
                  "state_types": sorted({type(v).__name__ for st in opt.state.values() for v in st.values()})}
         entry["actives"] = _train_at(model, opt, data, rank, world, start=start)
         entry["params"] = flat_params(model)
@@ -686,5 +837,8 @@ def dcp_save_and_load(rank: int, world: int, *, wrapper: str, tmpdir: str, steps
 
 TASKS = {f.__name__: f for f in (
     ddp_train, ddp_resume, ddp_invalid_wrappers, ddp_built_while_frozen, ddp_wrapped_after_first_step, seeds, ddp_comm,
-    fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload, fsdp_resume_torch_save, fsdp_dcp_probe,
+    dist_memory,
+    fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload_equal, fsdp_offload_memory,
+    offload_dtensor_of_another_device_type,
+    fsdp_resume_torch_save, fsdp_dcp_probe,
     fsdp_resume_dcp, dcp_save_and_load)}

@@ -176,6 +176,38 @@ def test_ddp_communication_of_frozen_blocks(pool):
         assert rows[name]["grad_memory_bytes"] == model, name
 
 
+def test_gradient_and_state_memory_per_rank_under_ddp_and_fsdp2(pool):
+    """benchmarks/dist_memory.py, 4 steps: which multi-GPU path saves what. DDP's buckets hold every
+    gradient whatever is frozen; FSDP2 holds gradient shards of the trained blocks only; offloading
+    under FSDP2 leaves the active blocks' state shards on the device; estimate_memory agrees per rank."""
+    ranks = pool.values("dist_memory", steps=4)
+    for result in ranks:
+        rows = {r["method"]: r for r in result["rows"]}
+        model = result["model_bytes"]
+        adamw_ddp, grass_ddp, view = rows["adamw+ddp"], rows["grass+ddp"], rows["grass+ddp+bucket_view"]
+        assert adamw_ddp["bucket_bytes"] == grass_ddp["bucket_bytes"] == view["bucket_bytes"] == model
+        assert adamw_ddp["grad_memory_bytes"] == 2 * model  # buckets + separate .grad tensors
+        assert model < grass_ddp["grad_memory_bytes"] < 2 * model and view["grad_memory_bytes"] == model
+        ddp_inactive = rows["grass+ddp+inactive"]  # offloading under DDP: state parked, gradients unchanged
+        assert ddp_inactive["grad_memory_bytes"] == grass_ddp["grad_memory_bytes"]
+        assert ddp_inactive["state_device_bytes"] == ddp_inactive["estimate_state_bytes"]
+        adamw_fsdp, grass_fsdp = rows["adamw+fsdp2"], rows["grass+fsdp2"]
+        assert adamw_fsdp["weight_bytes"] == adamw_fsdp["grad_memory_bytes"] == model // 2  # even shards here
+        for name in ("adamw+fsdp2", "grass+fsdp2", "grass+fsdp2+inactive", "grass+fsdp2+stream"):
+            assert rows[name]["grad_memory_bytes"] == rows[name]["estimate_grad_bytes"], name
+        assert grass_fsdp["grad_memory_bytes"] < 0.5 * adamw_fsdp["grad_memory_bytes"]
+        inactive, stream = rows["grass+fsdp2+inactive"], rows["grass+fsdp2+stream"]
+        assert adamw_fsdp["state_device_bytes"] == adamw_fsdp["estimate_state_bytes"]
+        assert inactive["state_device_bytes"] == inactive["estimate_state_bytes"]  # 2 blocks + outside, sharded
+        assert stream["state_device_bytes"] < inactive["state_device_bytes"] < grass_fsdp["state_device_bytes"]
+        assert 0 < inactive["state_host_bytes"] <= inactive["host_buffer_bytes"] <= inactive["estimate_host_bytes"]
+        assert 0 < stream["state_host_bytes"] <= stream["host_buffer_bytes"] <= stream["estimate_host_bytes"]
+        for name, r in rows.items():
+            if name.startswith("grass"):
+                assert r[f"same_params_as_grass+{'fsdp2' if 'fsdp2' in name else 'ddp'}"], name
+    assert [r["grad_memory_bytes"] for r in ranks[0]["rows"]] == [r["grad_memory_bytes"] for r in ranks[1]["rows"]]
+
+
 # ----------------------------------------------------------------------------- FSDP2
 @pytest.mark.parametrize("active_layers", [1, 2])
 def test_fsdp2_importance_and_training_match_one_process(pool, active_layers):
@@ -232,14 +264,17 @@ def test_fsdp2_resume_with_distributed_checkpoint(pool, tmp_path):
 DCP_SAVE_AT = [(1, "zero_grad"), (4, "step"), (6, "backward")]  # probing, no state; right after a redraw; mid-window
 
 
-@pytest.mark.parametrize("wrapper", ["fsdp", "ddp"])
-def test_save_and_load_checkpoint_on_two_ranks(pool, tmp_path, wrapper):
+@pytest.mark.parametrize(("wrapper", "offload"),
+                         [("fsdp", None), ("ddp", None), ("fsdp", "inactive"), ("fsdp", "stream")])
+def test_save_and_load_checkpoint_on_two_ranks(pool, tmp_path, wrapper, offload):
     """grass_optim.save_checkpoint/load_checkpoint on 2 ranks with FSDP2 or DDP: a run that saves during
     probing (no state, no gradients: where torch's helpers step), right after a redraw and between
     backward and step is bit-identical to one that never saves; a fresh model and optimizer resumed
     from each save ends bit-identical too, with state (DTensor shards under FSDP2) for exactly the
-    parameters that had some; ranks that disagree on the replicated state are refused at save."""
-    outs = pool.values("dcp_save_and_load", wrapper=wrapper, tmpdir=str(tmp_path), steps=10, save_at=DCP_SAVE_AT)
+    parameters that had some; ranks that disagree on the replicated state are refused at save. With
+    FSDP2 and offloading, the parked shards are saved from, and loaded back into, host buffers."""
+    outs = pool.values("dcp_save_and_load", wrapper=wrapper, tmpdir=str(tmp_path), steps=10, save_at=DCP_SAVE_AT,
+                       offload=offload)
     for out in outs:
         assert out["actives"] == out["ref_actives"]
         assert torch.equal(out["rng"], out["ref_rng"])
@@ -249,10 +284,12 @@ def test_save_and_load_checkpoint_on_two_ranks(pool, tmp_path, wrapper):
         assert out["saved_with_state"]["1-zero_grad"] == []
         for key, resumed in out["resumed"].items():
             assert resumed["with_state"] == out["saved_with_state"][key], key
+            assert resumed["placed"] == out["saved_placed"][key], key  # parked state back in host buffers
             assert resumed["step"] == int(key.split("-")[0]) + (key.endswith("step")), key
             assert resumed["actives"] == out["ref_actives"][resumed["step"]:], key
             assert torch.equal(resumed["params"], out["reference"]), key
         assert ("DTensor" in out["resumed"]["6-backward"]["state_types"]) == (wrapper == "fsdp")
+        assert (out["saved_placed"]["6-backward"][1] > 0) == (offload is not None)
         assert out["disagree_error"] is not None and "ranks disagree on the optimizer's replicated state" in \
             out["disagree_error"], out["disagree_error"]
     assert outs[0]["saved_with_state"] == outs[1]["saved_with_state"]
@@ -271,9 +308,62 @@ def test_fsdp2_dcp_helpers_on_grassadamw_itself(pool, tmp_path):
         assert out["set_nonstrict_error"].startswith("ValueError: Invalid state_dict: it has no 'grass' entry")
 
 
-def test_fsdp2_offload_is_refused(pool):
-    for out in pool.values("fsdp_offload"):
-        assert out.startswith("ValueError: Invalid offload: 'inactive' with sharded"), out
+@pytest.mark.parametrize("mode", ["inactive", "stream"])
+def test_fsdp2_offload_is_bit_identical_to_no_offload(pool, mode):
+    """FSDP2 + offload: each rank parks its own shards of the inactive blocks' state; parameters and
+    state equal FSDP2 without offload after every step, over several redraws (failed before:
+    offloading sharded state was refused)."""
+    for out in pool.values("fsdp_offload_equal", steps=16, mode=mode, active_layers=2, switch_every=2):
+        assert out[f"history_{mode}"] == out["history_None"]
+        assert len({tuple(a) for a in out["history_None"][2:]}) >= 3  # several redraws
+        assert all(out["params_equal"]) and all(out["state_equal"]), (out["params_equal"], out["state_equal"])
+        assert out["state_types"] == {"DTensor"} and out["state_like_param"]  # parked state is still a DTensor
+        assert out[f"report_{mode}"].host_state_bytes > 0 and out[f"report_{mode}"].bytes_to_host > 0
+        assert out["report_None"].host_state_bytes == 0
+
+
+@pytest.mark.parametrize("mode", ["inactive", "stream"])
+def test_fsdp2_offload_resume_from_per_rank_torch_save(pool, tmp_path, mode):
+    """Per-rank torch.save with offload on (parked shards saved as host copies), loaded with
+    weights_only=True: parked state goes back to host buffers, and the run continues bit-identically."""
+    for out in pool.values("fsdp_resume_torch_save", tmpdir=str(tmp_path), steps=14, stop=7, weights_only=True,
+                           offload=mode):
+        assert out["load_error"] is None, out
+        assert out["state_types"] == ["DTensor", "Tensor"]  # moments are DTensors, step a plain tensor
+        saved, loaded = out["report_saved_loaded"]
+        assert saved == loaded and loaded[1] > 0, out["report_saved_loaded"]  # same placement as when saved
+        assert out["equal"] and out["state_equal"], out["max_diff"]
+
+
+def test_parked_dtensor_shard_stays_on_the_host_when_the_mesh_is_on_another_device(pool):
+    """On a GPU the mesh is on "cuda" and the host buffer is not: the parked state must be a DTensor
+    over the host buffer itself (failed with DTensor.from_local, which moves its tensor to the
+    mesh's device type: on a GPU, a stale device copy of the parked shard)."""
+    for rank, out in enumerate(pool.values("offload_dtensor_of_another_device_type")):
+        assert out["error"] is None, out["error"]
+        assert out["parked"] == ("DTensor", "cuda", True, True, True, True), rank
+        assert out["report"] == (4 * 3 * 4, 4 * 3 * 4)  # this rank's shard, parked, counted once
+        assert out["back"] == ("DTensor", "cuda", True, False), rank
+
+
+def test_fsdp2_offload_memory_report_and_estimate_per_rank(pool):
+    """memory_report() on each rank counts its own shards, on the device and parked; estimate_memory(
+    world_size=2, rank=r) predicts them exactly, with the uneven dim-0 cut of a 3-row head (failed
+    before: memory_report counted the global size of a DTensor, and estimate_memory had no world_size)."""
+    outs = pool.values("fsdp_offload_memory", steps=14, active_layers=2)
+    for rank, out in enumerate(outs):
+        assert out["reports"] == out["expected"], rank
+        assert out["visited"] == [0, 1, 2, 3]
+        est = out["estimate"]
+        assert out["estimate_of_sharded_model"] == est  # global shapes, whether sharded already or not
+        inactive = est["grass-inactive"]
+        assert inactive["optimizer_state"] == max(r[0] for r in out["reports"]), rank
+        assert inactive["host_state"] == out["reports"][-1][2], rank  # every block parked once
+        assert inactive["gradients"] == max(out["grad_bytes"][3:]), rank  # after probing and the first step
+        assert inactive["weights"] == out["weight_bytes"], rank
+        assert est["adamw"]["optimizer_state"] == out["adamw_state_bytes"], rank
+        assert est["adamw"]["gradients"] == out["adamw_grad_bytes"], rank
+    assert outs[0]["outside_state_bytes"] > outs[1]["outside_state_bytes"]  # the head's 3 rows: 2 + 1
 
 
 # ----------------------------------------------------------------------------- the examples
@@ -306,3 +396,13 @@ def test_example_fsdp2_quick(tmp_path):
     assert re.search(r"resumed from .* at step \d+", out), out
     assert "resumed run matches the uninterrupted one: True" in out, out
     assert sorted(p.name for p in tmp_path.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # DCP
+
+
+@pytest.mark.slow
+def test_example_fsdp2_offload_quick(tmp_path):
+    """examples/fsdp2.py with --offload inactive: parked shards, a resume that matches (~35 s)."""
+    out = _torchrun("examples/fsdp2.py", "--quick", "--check-resume", "--offload", "inactive",
+                    "--ckpt-dir", str(tmp_path)).stdout
+    assert "resumed run matches the uninterrupted one: True" in out, out
+    parked = re.search(r"optimizer state on rank 0: ([\d.]+) KiB on the device, ([\d.]+) KiB parked", out)
+    assert parked is not None and float(parked.group(2)) > 0, out

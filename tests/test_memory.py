@@ -3,6 +3,7 @@ what the optimizer then holds, under each offload mode (from the same OffloadPol
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from grass_optim import GrassAdamW, estimate_memory
@@ -71,3 +72,27 @@ def test_pinned_memory_is_estimated_as_the_offloader_packs_it():
     assert opt._offloader.host_buffer_bytes == est["host_state"]  # every block was parked once
     # Packing depends on the order blocks were first parked; the estimate packs them in block order.
     assert est["pinned"] == opt._offloader._pool.reserved_bytes == 2**21  # one 2 MiB slab holds it all
+
+
+def test_estimate_memory_per_rank_of_fsdp2_dim0_shards():
+    """world_size=N: each rank's dim-0 chunk (torch.chunk: ceil(rows / N) rows, the last ranks fewer
+    or none); rows are exact per rank and add up over the ranks to the 1-process rows."""
+    model = make_net(d=16, num_layers=4, d_out=3)  # head: 3 rows; embed and blocks: 16
+    full = estimate_memory(model, active_layers=2).rows
+    ranks = [estimate_memory(model, active_layers=2, world_size=2, rank=r).rows for r in range(2)]
+    for name, row in full.items():
+        for key in ("weights", "gradients", "optimizer_state", "host_state"):
+            assert ranks[0][name][key] + ranks[1][name][key] == row[key], (name, key)
+    head = 3 * 16 + 3  # the head's weight and bias: rank 0 holds 2 rows of each, rank 1 one
+    assert ranks[0]["adamw"]["weights"] - ranks[1]["adamw"]["weights"] == (2 - 1) * (16 + 1) * 4
+    assert ranks[0]["adamw"]["weights"] == (full["adamw"]["weights"] - head * 4) // 2 + 2 * 17 * 4
+    # 5 rows over 4 ranks: chunks of 2, 2, 1 and none.
+    five = make_net(d=5, num_layers=2, d_out=5)
+    per_rank = [estimate_memory(five, active_layers=1, world_size=4, rank=r).rows["adamw"]["weights"]
+                for r in range(4)]
+    assert sum(per_rank) == estimate_memory(five, active_layers=1).rows["adamw"]["weights"]
+    assert per_rank[3] == 0 and per_rank[0] == per_rank[1] == 2 * per_rank[2]
+    with pytest.raises(ValueError, match="Invalid world_size: 0"):
+        estimate_memory(model, world_size=0)
+    with pytest.raises(ValueError, match=r"Invalid rank: 2 \(expected an int in \[0, 1\]\)"):
+        estimate_memory(model, world_size=2, rank=2)
