@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .distributed import is_distributed, is_sharded, same_on_all_ranks
 from .layers import unwrap_model
+from .offload import local, wrap_like
 
 if TYPE_CHECKING:
     from .optimizer import GrassAdamW
@@ -231,12 +232,15 @@ def _check_meta(path: str, metadata: Mapping[str, Any], key: str, shape: tuple[i
 
 
 def _like(param: Tensor, meta: Any) -> Tensor:
-    """Where DCP reads a state tensor into (its checkpoint metadata ``meta``): sharded like its
-    parameter when it has the parameter's shape (FSDP2), else whole, on the host (load_state_dict
-    then moves what is resident to the device and puts offloaded state in host buffers)."""
+    """Where DCP reads a state tensor into (its checkpoint metadata ``meta``): on the host, sharded
+    like its parameter when it has the parameter's shape and dtype (FSDP2), else whole.
+    ``load_state_dict`` then moves what is resident to the device and puts offloaded state in host
+    buffers: the state of parked blocks never passes through the device."""
     size, dtype = tuple(meta.size), meta.properties.dtype
     if is_sharded(param) and tuple(param.shape) == size:
-        return torch.empty_like(param, dtype=dtype)
+        if dtype == param.dtype:
+            return wrap_like(torch.empty(local(param).shape, dtype=dtype), param)
+        return torch.empty_like(param, dtype=dtype)  # a DTensor's spec records its dtype: on the device
     return torch.empty(size, dtype=dtype)
 
 
