@@ -2,8 +2,11 @@
 (docs/guides/hf_trainer.md, "Which route"). Same tiny Llama and task as tests/test_hf_trainer.py.
 """
 
+import importlib.util
 import json
+import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +235,20 @@ def test_sft_trainer_with_peft_trains_adapters_only(tmp_path):
     drawn = {b for probing, active in rec.active.values() if not probing for b in active}
     assert trained == drawn and len(drawn) >= 2
     assert all(len(active) == 1 for probing, active in rec.active.values() if not probing)
+
+
+# --------------------------------------------------------------------------- the example
+def test_example_hf_config_quick(monkeypatch, capsys):
+    """examples/hf_config.py --quick (--sft), run in this process: the imports are already paid for."""
+    pytest.importorskip("yaml")
+    args = ["--quick"] + (["--sft"] if all(map(importlib.util.find_spec, ("trl", "peft"))) else [])
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["hf_config.py", *args])
+    runpy.run_path(str(root / "examples" / "hf_config.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "GRASS settings from grass.yaml: {'active_layers': 2, 'switch_every': 10, 'layers': 'model.layers'" in out
+    assert "Trainer: 30 steps" in out and "base AdamW" in out, out
+    if "--sft" in args:
+        assert "SFTTrainer + LoRA: 30 steps" in out and "base_model.model.model.layers.0" in out, out
+        assert "base weights unchanged: True" in out, out
