@@ -22,3 +22,4 @@ def test_api_reference_snippets_run_in_order():
     assert "('layers.0', 'layers.1', 'layers.2', 'layers.3') True (0, 1, 2, 3)" in printed
     assert "[(0, 1), (0, 1), (2, 3), (2, 3), (0, 1), (0, 1)]" in printed
     assert "10 20 inactive" in printed
+    assert "{'active_layers': 2, 'switch_every': 20, 'probe_steps': 5}" in printed  # grass_settings
