@@ -66,3 +66,23 @@ def test_accelerate_without_find_unused_parameters_is_refused_before_any_update(
     assert "at step 1 (parameters unchanged: True)" in line, proc.stdout + proc.stderr[-4000:]
     assert "DistributedDataParallelKwargs(find_unused_parameters=True)" in line
     assert "DistributedDataParallel(model, find_unused_parameters=True)" in line
+
+
+@pytest.mark.slow  # ~20 s: a torchrun of two Trainer runs
+def test_trainer_ddp_with_activation_checkpointing(tmp_path):
+    """GrassTrainer under the Trainer's DDP. Activation checkpointing makes the Trainer build DDP with
+    find_unused_parameters=False: refused at GrassAdamW's first step, parameters untouched, the error
+    naming ddp_find_unused_parameters=True; with that setting the processes train and agree."""
+    pytest.importorskip("transformers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           "tests/hf_ddp_script.py", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    results = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
+    errors = [x for x in results if x.startswith("RESULT default")]
+    assert len(errors) == 2 and all("steps=0 unchanged=True same=True error=Invalid model" in x for x in errors), \
+        proc.stdout
+    assert all("TrainingArguments(ddp_find_unused_parameters=True)" in x for x in errors)
+    assert [x for x in results if x.startswith("RESULT find_unused")] == [
+        f"RESULT find_unused rank={r} steps=8 unchanged=False same=True error=None" for r in (0, 1)], proc.stdout

@@ -87,7 +87,10 @@ def build_grass_optimizer(trainer: Any, model: nn.Module, settings: Mapping[str,
                          "; GrassAdamW wraps an optimizer over the Trainer's parameter groups: use a torch.optim "
                          "one (optim='adamw_torch', 'adamw_torch_fused', 'sgd', ...)")
     layers = settings.get("layers")
-    settings = {**settings, "layers": _peft_path(model, layers)} if isinstance(layers, str) else dict(settings)
+    if isinstance(layers, str):
+        settings = {**settings, "layers": _peft_path(model, layers)}
+    elif isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers):
+        settings = {**settings, "layers": [_peft_path(model, x) for x in layers]}
     return GrassAdamW(model, base_optimizer=cls(groups, **kwargs), **settings)
 
 
