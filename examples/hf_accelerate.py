@@ -18,6 +18,7 @@ the processes, and at the end whether all processes hold the same parameters.
 """
 
 import argparse
+import gc
 import os
 import sys
 
@@ -52,18 +53,8 @@ class Net(nn.Module):
         return self.out(h)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps instead of {STEPS}")
-    p.add_argument("--without-kwargs", action="store_true",
-                   help="leave out DistributedDataParallelKwargs(find_unused_parameters=True), to see the error")
-    args = p.parse_args()
-    steps = QUICK_STEPS if args.quick else STEPS
-
-    # find_unused_parameters=True: the blocks GrassAdamW freezes get no gradient, and DDP must not
-    # wait for them. Harmless on one process (there is no DDP then).
-    handlers = [] if args.without_kwargs else [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    accelerator = Accelerator(kwargs_handlers=handlers, cpu=not torch.cuda.is_available())
+def train(accelerator: Accelerator, steps: int) -> int:
+    """Train; 0, or 1 when GrassAdamW refuses the model (``--without-kwargs``)."""
     torch.manual_seed(SEED)  # the same initial model on every process (DDP broadcasts rank 0's anyway)
     model = Net()
     g = torch.Generator().manual_seed(SEED)
@@ -91,8 +82,7 @@ def main() -> None:
                 if accelerator.is_main_process:
                     print(f"GrassAdamW refused the model at step {step + 1} (parameters unchanged: {unchanged}): "
                           f"{err}")
-                accelerator.end_training()
-                sys.exit(1)
+                return 1
             step += 1
             mean = accelerator.reduce(loss.detach(), reduction="mean")
             if step % 10 == 0 and accelerator.is_main_process:
@@ -107,7 +97,29 @@ def main() -> None:
         print(f"{accelerator.num_processes} process(es), {step} steps")
         print(f"parameters identical on all processes: {all(torch.equal(r, gathered[0]) for r in gathered)}")
         print(f"checksum {flat.double().sum().item():.10f}")
-    accelerator.end_training()
+    return 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps instead of {STEPS}")
+    p.add_argument("--without-kwargs", action="store_true",
+                   help="leave out DistributedDataParallelKwargs(find_unused_parameters=True), to see the error")
+    args = p.parse_args()
+
+    # find_unused_parameters=True: the blocks GrassAdamW freezes get no gradient, and DDP must not
+    # wait for them. Harmless on one process (there is no DDP then).
+    handlers = [] if args.without_kwargs else [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    accelerator = Accelerator(kwargs_handlers=handlers, cpu=not torch.cuda.is_available())
+    code = train(accelerator, QUICK_STEPS if args.quick else STEPS)
+    # Tear down in order: DDP's reducer before the process group it uses, all processes together
+    # (gloo can abort a process whose peer hung up mid-teardown).
+    accelerator.free_memory()  # the accelerator's own references to the DDP model and the optimizer
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

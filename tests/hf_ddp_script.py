@@ -4,6 +4,7 @@ find_unused_parameters=False; GrassAdamW must refuse it at its first step, befor
 ddp_find_unused_parameters=True the same run trains and the processes agree. Rank 0 prints one
 RESULT line per run and rank."""
 
+import gc
 import os
 import sys
 
@@ -50,3 +51,7 @@ if __name__ == "__main__":
     out = sys.argv[1]
     run("default", os.path.join(out, "default"))
     run("find_unused", os.path.join(out, "find_unused"), ddp_find_unused_parameters=True)
+    # DDP's reducers (garbage now) before the process group they use, every rank together.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -115,6 +115,13 @@ def test_grass_trainer_base_optimizer_from_trainer(tmp_path):
     trainer = GrassTrainer(model=tiny_llama(), args=args, train_dataset=Arithmetic(), grass=GRASS)
     opt = trainer.create_optimizer()  # Adafactor is a torch.optim.Optimizer: wrapped
     assert type(opt.base_optimizer).__name__ == "Adafactor"
+    # an optimizer that is not a torch.optim.Optimizer over the Trainer's groups is refused
+    for cls_kwargs, match in [((object, {}), "Invalid optimizer_cls_and_kwargs: object is not a torch.optim"),
+                              ((torch.optim.SGD, {"model": model}), "builds over its own model")]:
+        trainer = GrassTrainer(model=tiny_llama(), args=args, train_dataset=Arithmetic(), grass=GRASS,
+                               optimizer_cls_and_kwargs=cls_kwargs)
+        with pytest.raises(ValueError, match=match):
+            trainer.create_optimizer()
     # a given optimizer is used as it is
     mine = GrassAdamW(model, lr=LR, **GRASS)
     trainer = GrassTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), **ARGS),

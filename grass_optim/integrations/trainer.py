@@ -77,15 +77,17 @@ def build_grass_optimizer(trainer: Any, model: nn.Module, settings: Mapping[str,
     groups = [g for g in groups if g["params"]]
     if trainer.optimizer_cls_and_kwargs is not None:
         cls, kwargs = trainer.optimizer_cls_and_kwargs
+        source = "optimizer_cls_and_kwargs"
     else:
         cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
+        source = f"optim={str(getattr(trainer.args.optim, 'value', trainer.args.optim))!r}"
     kwargs = dict(kwargs)
     special = sorted({"params", "model", "optimizer_dict"} & set(kwargs))
     if special or not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ValueError(f"Invalid optim: {trainer.args.optim!r} builds {getattr(cls, '__name__', cls)} "
-                         f"{'over its own ' + '/'.join(special) if special else 'that is not a torch.optim.Optimizer'}"
-                         "; GrassAdamW wraps an optimizer over the Trainer's parameter groups: use a torch.optim "
-                         "one (optim='adamw_torch', 'adamw_torch_fused', 'sgd', ...)")
+        what = f"builds over its own {'/'.join(special)}" if special else "is not a torch.optim.Optimizer"
+        raise ValueError(f"Invalid {source}: {getattr(cls, '__name__', cls)} {what}; GrassAdamW wraps a "
+                         "torch.optim.Optimizer built over the Trainer's parameter groups (optim='adamw_torch', "
+                         "'adamw_torch_fused', 'sgd', 'adafactor', ...)")
     layers = settings.get("layers")
     if isinstance(layers, str):
         settings = {**settings, "layers": _peft_path(model, layers)}
