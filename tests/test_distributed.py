@@ -110,6 +110,18 @@ def test_ddp_without_find_unused_parameters_is_refused(pool):
             assert "find_unused_parameters=True" in out[config]
 
 
+def test_ddp_built_after_optimizer_without_unused_is_refused_at_first_step(pool):
+    """DDP(model) with find_unused_parameters=False built after GrassAdamW(model): construction cannot
+    see it, so the first step finds it and refuses it before anything is updated (before: DDP's
+    "Expected to have finished reduction" at step 3, after step 2 applied un-averaged gradients)."""
+    for out in pool.values("ddp_after_optimizer_without_unused"):
+        assert out["error_step"] == 1 and out["params_unchanged"], out
+        assert out["error"].startswith("ValueError: Invalid model: DistributedDataParallel with "
+                                       "find_unused_parameters=False"), out
+        assert "DistributedDataParallel(model, find_unused_parameters=True)" in out["error"]
+        assert "Accelerate" not in out["error"]  # Accelerate is not in use here
+
+
 def test_ddp_built_while_blocks_frozen_is_refused_at_construction(pool):
     for out in pool.values("ddp_built_while_frozen"):
         assert out["registered_tensors"] < out["model_tensors"]  # DDP really left blocks 1..3 out

@@ -23,3 +23,4 @@ def test_api_reference_snippets_run_in_order():
     assert "[(0, 1), (0, 1), (2, 3), (2, 3), (0, 1), (0, 1)]" in printed
     assert "10 20 inactive" in printed
     assert "4 4 True 4" in printed  # the DCP checkpoint round trip
+    assert "{'active_layers': 2, 'switch_every': 20, 'probe_steps': 5}" in printed  # grass_settings

@@ -1,6 +1,7 @@
 """The examples run end to end as a user runs them: ``examples/quickstart.py --quick`` (~15 s on 2 CPU
 cores) and ``examples/wrap_existing_optimizer.py`` with both kinds of base optimizer. The distributed
-and Hugging Face examples are run by tests/test_distributed.py and tests/test_hf_trainer.py."""
+and Hugging Face examples are run by tests/test_distributed.py, tests/test_hf_trainer.py,
+tests/test_hf_grass_trainer.py (hf_config.py) and tests/test_hf_accelerate.py (hf_accelerate.py)."""
 
 from __future__ import annotations
 

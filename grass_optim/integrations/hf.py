@@ -1,12 +1,13 @@
 """Hugging Face ``transformers.Trainer`` integration: GRASS's schedule as ordinary Trainer metrics.
 
 ``GrassAdamW`` needs nothing from this module to train under the Trainer: pass it as
-``Trainer(..., optimizers=(GrassAdamW(model, ...), None))``. This module adds :class:`GrassCallback`,
+``Trainer(..., optimizers=(GrassAdamW(model, ...), None))``, or let ``GrassTrainer``
+(``trainer.py``) build it. This module adds :class:`GrassCallback`,
 which writes the active blocks, the sampling probabilities, the importance scores and the optimizer
 state memory into every training log, so that TensorBoard, W&B and the other ``report_to``
 integrations record them like the loss. See ``docs/guides/hf_trainer.md``.
 
-This is the only module of ``grass_optim`` that imports ``transformers``.
+With ``trainer.py``, the only modules of ``grass_optim`` that import ``transformers``.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class GrassCallback(TrainerCallback):
             if not self._warned:
                 logger.warning("GrassCallback: the Trainer's optimizer (%s) is not a GrassAdamW; no GRASS "
                                "metrics are logged. Pass optimizers=(GrassAdamW(model, ...), None) to the "
-                               "Trainer", type(kwargs.get("optimizer")).__name__)
+                               "Trainer, or use grass_optim.integrations.GrassTrainer",
+                               type(kwargs.get("optimizer")).__name__)
                 self._warned = True
             return
         metrics = grass_metrics(opt, per_block=self.per_block)
