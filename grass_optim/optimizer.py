@@ -168,7 +168,7 @@ class GrassAdamW(Optimizer):
                 f"{type(model).__name__}; pass the module itself: GrassAdamW(model, ...), not "
                 "GrassAdamW(model.parameters()). To keep your own param groups, build an optimizer "
                 "and wrap it: GrassAdamW(model, base_optimizer=torch.optim.AdamW(groups, ...))")
-        check_optimizer_kwargs(base_optimizer, optimizer_kwargs, _GRASS_KWARGS)
+        check_optimizer_kwargs(base_optimizer, optimizer_kwargs, GRASS_KWARGS)
         resolved = resolve_sampler(sampler, temperature=temperature, ema=ema, exploration=exploration)
         self.config = C.GrassConfig.build(
             active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
@@ -631,7 +631,7 @@ class GrassAdamW(Optimizer):
 
 
 # GrassAdamW's own keyword arguments (those after the model and base_optimizer), for "did you mean".
-_GRASS_KWARGS = tuple(n for n, p in inspect.signature(GrassAdamW.__init__).parameters.items()
+GRASS_KWARGS = tuple(n for n, p in inspect.signature(GrassAdamW.__init__).parameters.items()
                       if p.kind is p.KEYWORD_ONLY)
 
 

@@ -22,6 +22,7 @@ from grass_optim.integrations import (  # noqa: E402
     GrassTrainer,
     GrassTrainerMixin,
     find_grass_optimizer,
+    grass_enabled,
     grass_settings,
 )
 from tests.test_hf_trainer import GRASS, LAYERS, LR, STEPS, VOCAB, Arithmetic, Recorder, tiny_llama  # noqa: E402
@@ -177,6 +178,39 @@ def test_grass_settings_aliases_yaml_json_and_errors(tmp_path):
     listing.write_text("- 1\n")
     with pytest.raises(TypeError, match="holds a list"):
         grass_settings(listing)
+
+
+def test_grass_settings_on_off_switches():
+    """use_grass / use_lisa / use_badam, as LMFlow's --use_lisa and LLaMA-Factory's --use_badam: they
+    turn GRASS on or off and set nothing else."""
+    config = {"use_lisa": True, "lisa_activated_layers": 2, "lisa_interval_steps": 20}
+    assert grass_enabled(config) and grass_settings(config) == {"active_layers": 2, "switch_every": 20}
+    assert grass_enabled({}) and grass_enabled(None)
+    assert not grass_enabled({"use_badam": False, "switch_block_every": 5})
+    assert not grass_enabled({"train": {"use_grass": False}}, key="train")
+    with pytest.raises(TypeError, match="Invalid use_grass: 'yes' \\(expected true or false\\)"):
+        grass_settings({"use_grass": "yes"})
+    with pytest.raises(ValueError, match="the switches disagree"):
+        grass_enabled({"use_grass": True, "use_lisa": False})
+
+
+def test_grass_trainer_switched_off_trains_like_the_plain_trainer(tmp_path):
+    """use_lisa: false in the config: the Trainer's own optimizer, no GRASS, no callback."""
+    def run(cls, out, **kw):
+        rec = Recorder()
+        args = TrainingArguments(output_dir=str(out), **{**ARGS, "max_steps": 6})
+        trainer = cls(model=tiny_llama(), args=args, train_dataset=Arithmetic(), callbacks=[rec], **kw)
+        trainer.train()
+        return trainer, rec
+
+    plain, plain_rec = run(Trainer, tmp_path / "plain")
+    off, off_rec = run(GrassTrainer, tmp_path / "off", grass={"use_lisa": False, "lisa_activated_layers": 2})
+    assert find_grass_optimizer(off.optimizer) is None
+    assert not any(isinstance(cb, GrassCallback) for cb in off.callback_handler.callbacks)
+    assert off_rec.losses() == plain_rec.losses()
+    assert all(torch.equal(p, q) for p, q in zip(off.model.parameters(), plain.model.parameters(), strict=True))
+    on, _ = run(GrassTrainer, tmp_path / "on", grass={"use_lisa": True, **GRASS})
+    assert isinstance(find_grass_optimizer(on.optimizer), GrassAdamW)
 
 
 def test_grass_settings_yaml_without_pyyaml(tmp_path, monkeypatch):

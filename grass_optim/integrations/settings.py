@@ -11,7 +11,6 @@ Imports neither ``transformers`` nor ``yaml`` until asked to (PyYAML only to rea
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -19,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as C
-from ..optimizer import GrassAdamW
+from ..optimizer import GRASS_KWARGS
 from ..sampling import default_probe_steps, resolve_sampler
 
-__all__ = ["ALIASES", "SETTINGS", "grass_settings"]
+__all__ = ["ALIASES", "SETTINGS", "SWITCHES", "grass_enabled", "grass_settings"]
 
 # Other tools' names for the same settings (LMFlow and Axolotl's LISA, LLaMA-Factory's BAdam). They
 # name the schedule only: the sampler stays GRASS's unless `sampler` says otherwise ("uniform" is LISA).
@@ -35,6 +34,10 @@ ALIASES = {
     "switch_block_every": "switch_every",  # LLaMA-Factory (BAdam)
 }
 
+# On/off switches, as the config-driven stacks write them (LMFlow's --use_lisa, LLaMA-Factory's
+# --use_badam): they turn layer-wise training on or off (grass_enabled), and set nothing else.
+SWITCHES = ("use_grass", "use_lisa", "use_badam")
+
 # Set by the Trainer's arguments (or by the base optimizer), not by GRASS.
 _OPTIMIZER_OWNED = {"lr": "learning_rate", "learning_rate": "learning_rate", "betas": "adam_beta1, adam_beta2",
                     "eps": "adam_epsilon", "weight_decay": "weight_decay", "base_optimizer": "optim",
@@ -42,8 +45,7 @@ _OPTIMIZER_OWNED = {"lr": "learning_rate", "learning_rate": "learning_rate", "be
 
 # GrassAdamW's keyword arguments that a config can set: everything but the model and what
 # _OPTIMIZER_OWNED names. Read from the signature, so a new GrassAdamW setting is accepted here at once.
-SETTINGS = tuple(name for name, p in inspect.signature(GrassAdamW.__init__).parameters.items()
-                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _OPTIMIZER_OWNED)
+SETTINGS = tuple(name for name in GRASS_KWARGS if name not in _OPTIMIZER_OWNED)
 
 
 def grass_settings(source: Mapping[str, Any] | str | os.PathLike[str] | None = None, *,
@@ -68,20 +70,15 @@ def grass_settings(source: Mapping[str, Any] | str | os.PathLike[str] | None = N
         TypeError: ``source`` or a value of the wrong type.
         ImportError: a YAML file without PyYAML installed.
     """
-    raw = _load(source)
-    if key is not None:
-        if key not in raw:
-            raise ValueError(f"Invalid key: {key!r} is not in the config (it has {sorted(map(str, raw))})")
-        raw = raw[key]
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise TypeError(f"Invalid config: the {key!r} entry is a {type(raw).__name__} (expected a mapping)")
+    raw = _entry(source, key)
+    grass_enabled(raw)  # the switches are checked too, though they set nothing here
     settings: dict[str, Any] = {}
     given_as: dict[str, str] = {}
     for name, value in raw.items():
         if not isinstance(name, str):
             raise TypeError(f"Invalid GRASS setting name: {name!r} (expected a string)")
+        if name in SWITCHES:
+            continue
         if name in _OPTIMIZER_OWNED:
             raise ValueError(
                 f"Invalid GRASS setting: {name!r} is the optimizer's, not GRASS's: set it in the TrainingArguments "
@@ -99,6 +96,41 @@ def grass_settings(source: Mapping[str, Any] | str | os.PathLike[str] | None = N
         given_as.setdefault(canonical, name)
     check_settings(settings)
     return settings
+
+
+def grass_enabled(source: Mapping[str, Any] | str | os.PathLike[str] | None = None, *,
+                  key: str | None = None) -> bool:
+    """Whether a config turns GRASS on: ``False`` when it sets ``use_grass`` (or ``use_lisa``,
+    ``use_badam``) to ``false``, ``True`` otherwise (no switch means on). ``source`` and ``key`` as
+    for :func:`grass_settings`.
+
+    Raises:
+        TypeError: a switch that is not a bool.
+        ValueError: two switches that disagree.
+    """
+    raw = _entry(source, key)
+    given = {name: raw[name] for name in SWITCHES if name in raw}
+    for name, value in given.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"Invalid {name}: {value!r} (expected true or false)")
+    if len(set(given.values())) > 1:
+        raise ValueError(f"Invalid GRASS settings: the switches disagree ({given}); keep one")
+    return all(given.values())
+
+
+def _entry(source: Any, key: str | None) -> Mapping[str, Any]:
+    """The mapping of settings: ``source`` read (:func:`_load`), or its ``key`` entry."""
+    raw = _load(source)
+    if key is None:
+        return raw
+    if key not in raw:
+        raise ValueError(f"Invalid key: {key!r} is not in the config (it has {sorted(map(str, raw))})")
+    entry = raw[key]
+    if entry is None:
+        return {}
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"Invalid config: the {key!r} entry is a {type(entry).__name__} (expected a mapping)")
+    return entry
 
 
 def check_settings(settings: Mapping[str, Any]) -> None:

@@ -21,7 +21,7 @@ from transformers import Trainer
 
 from ..optimizer import GrassAdamW
 from .hf import add_grass_callback
-from .settings import grass_settings
+from .settings import grass_enabled, grass_settings
 
 __all__ = ["GrassTrainer", "GrassTrainerMixin"]
 
@@ -36,6 +36,9 @@ class GrassTrainerMixin:
         grass: GRASS's settings: a mapping or the path of a YAML/JSON file, read by
             :func:`~grass_optim.integrations.grass_settings` (GrassAdamW's keyword names, or LISA's
             and BAdam's); ``None`` for GrassAdamW's defaults. Checked here, before training.
+            ``use_grass: false`` in them (or ``use_lisa``/``use_badam``, as LMFlow and
+            LLaMA-Factory write it), or ``grass=False``, turns GRASS off: the Trainer then trains
+            with its own optimizer, as a plain ``Trainer`` would, and no callback is added.
         grass_callback (bool): add a :class:`~grass_optim.integrations.GrassCallback` (first among the
             callbacks) so GRASS's state is logged (default: True).
 
@@ -46,16 +49,19 @@ class GrassTrainerMixin:
     ``optimizers=(opt, None)`` is used as it is.
     """
 
-    def __init__(self, *args: Any, grass: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    def __init__(self, *args: Any, grass: Mapping[str, Any] | str | os.PathLike[str] | bool | None = None,
                  grass_callback: bool = True, **kwargs: Any) -> None:
-        self.grass_settings = grass_settings(grass)  # a bad setting fails here, not at train()
+        if grass is True:
+            grass = None
+        self.grass_enabled = grass is not False and grass_enabled(grass)
+        self.grass_settings = {} if grass is False else grass_settings(grass)  # a bad setting fails here
         super().__init__(*args, **kwargs)
-        if grass_callback:
+        if grass_callback and self.grass_enabled:
             add_grass_callback(self)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         trainer: Any = self
-        if trainer.optimizer is None:
+        if trainer.optimizer is None and self.grass_enabled:
             # `model` is the wrapped model when the Trainer delays the optimizer (FSDP); else self.model,
             # which TRL/PEFT have already turned into the PeftModel.
             trainer.optimizer = build_grass_optimizer(trainer, trainer.model if model is None else model,
