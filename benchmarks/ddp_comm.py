@@ -27,7 +27,16 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Worker, grass_optim, map_unordered, markdown_table, serve, write_json  # noqa: E402
+from harness import (  # noqa: E402
+    Worker,
+    grad_storages,
+    grass_optim,
+    map_unordered,
+    markdown_table,
+    serve,
+    token_batches,
+    write_json,
+)
 from llama import LlamaConfig, build_model  # noqa: E402
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=4, num_heads=4,
@@ -81,21 +90,6 @@ def counting_hook(state: CommState, bucket):  # DDP checks the annotations: none
 
 
 # ----------------------------------------------------------------------------- one method
-def token_batches(steps: int, world: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1234)
-    return [torch.randint(0, CONFIG.vocab_size, (BATCH_PER_RANK * world, SEQ + 1), generator=g) for _ in range(steps)]
-
-
-def grad_storages(model: torch.nn.Module) -> dict[int, int]:
-    """Distinct storages behind the parameters' ``.grad``: data pointer -> bytes."""
-    seen: dict[int, int] = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            s = p.grad.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-    return seen
-
-
 def run_method(method: str, rank: int, world: int, steps: int, bucket_cap_mb: float) -> dict[str, Any]:
     model = build_model(CONFIG, "cpu", SEED)
     grass = method.startswith("grass")
@@ -117,7 +111,7 @@ def run_method(method: str, rank: int, world: int, steps: int, bucket_cap_mb: fl
     active, losses = [], []
     grads: dict[int, int] = {}
     t0 = time.perf_counter()
-    for tokens in token_batches(steps, world):
+    for tokens in token_batches(CONFIG.vocab_size, BATCH_PER_RANK * world, SEQ, steps):
         tokens = tokens.chunk(world)[rank]
         state.new_step()
         opt.zero_grad()

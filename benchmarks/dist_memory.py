@@ -33,11 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     Worker,
     environment,
+    grad_storages,
     grass_optim,
     map_unordered,
     markdown_table,
     serve,
     state_bytes,
+    token_batches,
     write_json,
 )
 from llama import LlamaConfig, build_model  # noqa: E402
@@ -57,21 +59,6 @@ ESTIMATE_ROW = {"adamw": "adamw", "grass": "grass", "inactive": "grass-inactive"
 def local_bytes(t: torch.Tensor) -> int:
     t = t.to_local() if hasattr(t, "to_local") else t
     return t.numel() * t.element_size()
-
-
-def token_batches(steps: int, world: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1234)
-    return [torch.randint(0, CONFIG.vocab_size, (BATCH_PER_RANK * world, SEQ + 1), generator=g) for _ in range(steps)]
-
-
-def grad_storages(model: torch.nn.Module) -> dict[int, int]:
-    """Distinct storages behind this rank's ``.grad`` (local shards under FSDP2): data pointer -> bytes."""
-    seen: dict[int, int] = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            seen[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
-    return seen
 
 
 def run_method(method: str, rank: int, world: int, steps: int) -> dict[str, Any]:
@@ -96,7 +83,7 @@ def run_method(method: str, rank: int, world: int, steps: int) -> dict[str, Any]
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     grads, device, host, visited = [], [], [], set()
-    for tokens in token_batches(steps, world):
+    for tokens in token_batches(CONFIG.vocab_size, BATCH_PER_RANK * world, SEQ, steps):
         tokens = tokens.chunk(world)[rank]
         opt.zero_grad()
         logits = wrapped(tokens[:, :-1])

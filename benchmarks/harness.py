@@ -147,6 +147,23 @@ def paired_differences(a: dict[Any, float], b: dict[Any, float]) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------ output
+def token_batches(vocab_size: int, rows: int, seq: int, steps: int) -> list[Tensor]:
+    """``steps`` global batches of ``rows`` random token rows of ``seq + 1`` (inputs and targets), the
+    same for every rank and every method (multi-process benchmarks: rank r takes its chunk)."""
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, vocab_size, (rows, seq + 1), generator=g) for _ in range(steps)]
+
+
+def grad_storages(model: nn.Module) -> dict[int, int]:
+    """Distinct storages behind this rank's ``.grad`` (local shards under FSDP2): data pointer -> bytes."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            seen[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+    return seen
+
+
 def log(msg: str) -> None:
     """A line on stderr, above any progress bar."""
     try:
