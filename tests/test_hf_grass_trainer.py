@@ -130,6 +130,18 @@ def test_grass_trainer_base_optimizer_from_trainer(tmp_path):
     assert trainer.create_optimizer() is mine
 
 
+def test_grass_trainer_gives_the_trainers_grad_scaler_to_the_probing_hooks(tmp_path):
+    """fp16 (a GPU): the Accelerator's GradScaler exists before create_optimizer; the GrassAdamW built
+    there divides its scale out of the probing hooks' sums. The CPU has no fp16 scaler: one is put in
+    the Accelerator's place."""
+    args = TrainingArguments(output_dir=str(tmp_path), **ARGS)
+    trainer = GrassTrainer(model=tiny_llama(), args=args, train_dataset=Arithmetic(), grass=GRASS)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer.accelerator.scaler = scaler
+    trainer.create_optimizer()
+    assert find_grass_optimizer(trainer.optimizer).grad_scaler is scaler
+
+
 def test_grass_trainer_checks_settings_first(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), **ARGS)
     with pytest.raises(ValueError, match="'lisa_interval_step' is unknown .*did you mean 'lisa_interval_steps'"):

@@ -45,8 +45,9 @@ class GrassTrainerMixin:
     ``create_optimizer`` builds the optimizer the Trainer would (``optim``/``optim_args`` or
     ``optimizer_cls_and_kwargs``, ``learning_rate``, ``adam_beta1``/``adam_beta2``, ``adam_epsilon``,
     ``weight_decay`` for all but biases and norms, only the parameters that require grad) and wraps it:
-    ``GrassAdamW(model, base_optimizer=that, **settings)``, once. An optimizer given with
-    ``optimizers=(opt, None)`` is used as it is.
+    ``GrassAdamW(model, base_optimizer=that, **settings)``, once, and gives it the Trainer's
+    ``GradScaler`` (fp16) for the probing hooks. An optimizer given with ``optimizers=(opt, None)``
+    is used as it is.
     """
 
     def __init__(self, *args: Any, grass: Mapping[str, Any] | str | os.PathLike[str] | bool | None = None,
@@ -99,7 +100,13 @@ def build_grass_optimizer(trainer: Any, model: nn.Module, settings: Mapping[str,
         settings = {**settings, "layers": _peft_path(model, layers)}
     elif isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers):
         settings = {**settings, "layers": [_peft_path(model, x) for x in layers]}
-    return GrassAdamW(model, base_optimizer=cls(groups, **kwargs), **settings)
+    opt = GrassAdamW(model, base_optimizer=cls(groups, **kwargs), **settings)
+    # fp16: the probing hooks see scaled gradients; the Trainer's scaler (made with its Accelerator,
+    # before the optimizer) divides the scale out.
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    if scaler is not None:
+        opt.grad_scaler = scaler
+    return opt
 
 
 def _peft_path(model: nn.Module, path: str) -> str:
