@@ -92,9 +92,13 @@ def load_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, opt
     objects through ``load_state_dict``, its other values (an int step) replaced by the saved ones.
 
     Everything is checked before anything changes: a checkpoint of another model (other parameter
-    names or shapes, other blocks) or not written by :func:`save_checkpoint` raises ``ValueError``
-    and leaves the model and the optimizer as they were. The optimizer then holds exactly the saved
-    state (nothing for parameters that had none) and continues the saved run.
+    names or shapes, other blocks, another GRASS schedule), of other ``extra`` tensors, or not
+    written by :func:`save_checkpoint` raises ``ValueError`` and leaves the model, the optimizer and
+    ``extra`` as they were. Then the optimizer's state is read into new tensors, the model's and
+    ``extra``'s in place, and the optimizer loaded last: a failure while reading (a damaged file, a
+    ``Stateful`` object's own ``load_state_dict``; ``RuntimeError``) can leave the model and
+    ``extra`` loaded, never the optimizer alone. The optimizer then holds exactly the saved state
+    (nothing for parameters that had none) and continues the saved run.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -113,24 +117,29 @@ def load_checkpoint(checkpoint_id: str | os.PathLike[str], model: nn.Module, opt
     if missing:
         raise ValueError(f"Invalid extra: the checkpoint {path!r} has no entries {missing} "
                          f"(it has {sorted({m.split('.')[0] for m in metadata} - {MODEL, OPTIM})})")
+    for key, value in _flat_tensors(checked, ""):
+        meta = _check_meta(path, metadata, key[1:], None)
+        if (tuple(meta.size), meta.properties.dtype) != (tuple(value.shape), value.dtype):
+            raise ValueError(f"Invalid extra: {key[1:]!r} is {value.dtype} of shape {tuple(value.shape)} here, "
+                             f"{meta.properties.dtype} of shape {tuple(meta.size)} in the checkpoint {path!r}")
 
     saved = _read_shared(path)
     _check_groups(path, names, optimizer, saved["param_groups"])
+    # What optimizer.load_state_dict will check, checked now: once the model is read, it must not fail.
+    entry = ckpt.grass_entry({ckpt.GRASS: saved["grass"]})
+    ckpt.check_progress(entry, optimizer.schedule.check_state_dict(entry)["step"], optimizer.num_layers)
     param_of = {names[i]: p for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     tensors = {n: {k: _like(param_of[n], _check_meta(path, metadata, f"{OPTIM}.state.{n}.{k}", None))
                    for k in keys if k not in saved["values"].get(n, {})} for n, keys in saved["keys"].items()}
-    with _single_process_ok():
-        dcp.load({OPTIM: {"state": tensors}}, checkpoint_id=path)
+    _load(dcp, {OPTIM: {"state": tensors}}, path)  # into templates: nothing of the user's changes
 
     index = {n: i for i, n in names.items()}
     state = {index[n]: {k: tensors[n][k] if k in tensors[n] else saved["values"][n][k] for k in keys}
              for n, keys in saved["keys"].items()}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
-    # Checks the "grass" entry before it changes anything; the model is loaded only after that.
-    optimizer.load_state_dict({"state": state, "param_groups": groups, ckpt.GRASS: saved["grass"]})
     rest = {MODEL: model_sd, **checked}
-    with _single_process_ok():
-        dcp.load(rest, checkpoint_id=path)
+    _load(dcp, rest, path)  # the model's tensors in place, extra's Stateful objects
+    optimizer.load_state_dict({"state": state, "param_groups": groups, ckpt.GRASS: saved["grass"]})
     _set_model_state_dict(model, rest[MODEL])
     if extra is not None:
         for k in checked:  # DCP replaces plain values (ints, strings) rather than loading them in place
@@ -158,13 +167,24 @@ def _param_names(model: nn.Module, optimizer: GrassAdamW) -> dict[int, str]:
     return out
 
 
+def _load(dcp: Any, state: dict[str, Any], path: str) -> None:
+    """``dcp.load``, its ``CheckpointException`` (a ``BaseException``, which ``except Exception``
+    does not catch) raised as a ``RuntimeError``."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path)
+    except CheckpointException as err:
+        raise RuntimeError(f"load_checkpoint: reading {path!r} failed: {err}") from err
+
+
 def _read_shared(path: str) -> dict[str, Any]:
     """The replicated part of a checkpoint (read by every rank)."""
     import torch.distributed.checkpoint as dcp
 
     holder: dict[str, Any] = {OPTIM: {BLOB: b""}}
-    with _single_process_ok():
-        dcp.load(holder, checkpoint_id=path)
+    _load(dcp, holder, path)
     saved = torch.load(io.BytesIO(holder[OPTIM][BLOB]), map_location="cpu", weights_only=True)
     found = saved.get("format") if isinstance(saved, dict) else None
     if found != FORMAT:
@@ -181,8 +201,9 @@ def _check_groups(path: str, names: dict[int, str], optimizer: GrassAdamW, saved
         start += len(g["params"])
     theirs = [list(g["params"]) for g in saved]
     if mine != theirs:
-        diff = next((f"group {k}: saved {t[:2]}..., this optimizer {m[:2]}..." for k, (m, t) in
-                     enumerate(zip(mine, theirs, strict=False)) if m != t), None)
+        diff = next((f"group {k}, parameter {j}: saved {t[j] if j < len(t) else None!r}, this optimizer "
+                     f"{m[j] if j < len(m) else None!r}" for k, (m, t) in enumerate(zip(mine, theirs, strict=False))
+                     for j in range(max(len(m), len(t))) if (m[j:j + 1] != t[j:j + 1])), None)
         raise ValueError(f"Invalid checkpoint {path!r}: saved for an optimizer with {len(theirs)} param groups of "
                          f"{[len(t) for t in theirs]} parameters, this one has {len(mine)} groups of "
                          f"{[len(m) for m in mine]}" + (f" ({diff})" if diff else ""))
@@ -235,7 +256,8 @@ def _like(param: Tensor, meta: Any) -> Tensor:
     """Where DCP reads a state tensor into (its checkpoint metadata ``meta``): on the host, sharded
     like its parameter when it has the parameter's shape and dtype (FSDP2), else whole.
     ``load_state_dict`` then moves what is resident to the device and puts offloaded state in host
-    buffers: the state of parked blocks never passes through the device."""
+    buffers: the state of parked blocks never passes through the device (except a sharded state
+    whose dtype differs from its parameter's: its template is made on the device)."""
     size, dtype = tuple(meta.size), meta.properties.dtype
     if is_sharded(param) and tuple(param.shape) == size:
         if dtype == param.dtype:

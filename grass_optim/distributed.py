@@ -128,7 +128,7 @@ def _unused_parameters_hint() -> str:
     return hint
 
 
-def check_ddp(model: nn.Module, managed: Sequence[Tensor]) -> None:
+def check_ddp(model: nn.Module) -> None:
     """Refuse a DDP wrapper that cannot train blocks frozen and unfrozen by turns.
 
     DDP registers the parameters that require grad *when it is built*: one frozen then is never
@@ -164,7 +164,7 @@ def find_ddp_wrappers(model: nn.Module) -> list[nn.parallel.DistributedDataParal
     return [d for d in ddps if any(m is model for m in d.module.modules())]
 
 
-def check_ddp_wrappers(model: nn.Module, managed: Sequence[Tensor]) -> None:
+def check_ddp_wrappers(model: nn.Module) -> None:
     """:func:`check_ddp` for every DDP that wraps ``model`` though GrassAdamW was given ``model``
     itself (the order ``opt = GrassAdamW(model); model, opt = accelerator.prepare(model, opt)``).
 
@@ -172,4 +172,4 @@ def check_ddp_wrappers(model: nn.Module, managed: Sequence[Tensor]) -> None:
     error would come one step after the first freeze, once that step's un-averaged update is applied.
     """
     for ddp in find_ddp_wrappers(model):
-        check_ddp(ddp, managed)
+        check_ddp(ddp)

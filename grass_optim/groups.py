@@ -104,21 +104,23 @@ def check_optimizer_kwargs(base: Any, optimizer_kwargs: dict[str, Any], grass_na
     both (``activ_layers=`` is a misspelled GRASS setting, not the base optimizer's problem).
 
     Keywords GrassAdamW does not know go to the base optimizer; a class that takes ``**kwargs`` is
-    trusted to check its own.
+    trusted to check its own, except for a near miss of a GRASS setting.
     """
     cls: type = torch.optim.AdamW if base is None else base if isinstance(base, type) else type(base)
     if not issubclass(cls, Optimizer):
         return  # build_base_optimizer says what base_optimizer may be
     params = inspect.signature(cls).parameters
-    if not isinstance(base, Optimizer) and any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    taken = [] if isinstance(base, Optimizer) else [n for n in params if n != "params"]
+    open_ended = not isinstance(base, Optimizer) and any(p.kind is p.VAR_KEYWORD for p in params.values())
+    taken = [] if isinstance(base, Optimizer) else [
+        n for n, p in params.items() if n != "params" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     for name in optimizer_kwargs:
         if name in taken:
             continue
         close = difflib.get_close_matches(name, [*grass_names, *taken], n=1, cutoff=0.75)
-        if not close and isinstance(base, Optimizer):
-            continue  # build_base_optimizer says why an instance takes no hyperparameters
+        if not close and (open_ended or isinstance(base, Optimizer)):
+            continue  # its own check, or build_base_optimizer's (an instance takes no hyperparameters)
+        if open_ended and close[0] in taken:
+            continue
         hint = f"did you mean {close[0]}?" if close else (
             f"GrassAdamW takes {', '.join(grass_names)}; {cls.__name__} takes {', '.join(taken)}")
         raise TypeError(f"Invalid argument {name}={optimizer_kwargs[name]!r}: neither a GrassAdamW setting nor an "

@@ -146,8 +146,10 @@ def estimate_memory(model: nn.Module, *, active_layers: int = DEFAULT_ACTIVE_LAY
             read from the global shapes, so ``model`` may be sharded already or not. FSDP2's
             all-gathered blocks during forward/backward are not included. DDP replicates everything
             and its buckets hold every gradient: leave 1 and see ``docs/guides/ddp.md`` (default: 1).
-        rank (int, optional): the rank to count, in ``[0, world_size)``; rank 0 holds the most
-            (default: 0).
+        rank (int, optional): the rank to count, in ``[0, world_size)``; rank 0's shards are the
+            largest. The shards themselves are counted: FSDP2 pads every rank's weight storage to
+            rank 0's rows, which the ``weights`` row of a later rank does not include (the state rows
+            are exact: torch.optim allocates the state like the unpadded shard) (default: 0).
     """
     part = find_layers(model, layers)
     check_int("active_layers", active_layers, 1, part.num_layers)

@@ -189,7 +189,7 @@ class GrassAdamW(Optimizer):
         check_grad_scaler(grad_scaler)
         self.partition = find_layers(model, layers)
         trainable = [p for ps in self.partition.block_params for p in ps if is_trainable(p)]
-        D.check_ddp(model, trainable)
+        D.check_ddp(model)
         sharded = any(D.is_sharded(p) for p in trainable)
 
         # 2. The base optimizer (built, or wrapped: its groups are split per block in place).
@@ -374,7 +374,7 @@ class GrassAdamW(Optimizer):
         if self._defer_freeze and self.partition.root is not None:
             # A DDP built after this optimizer (accelerator.prepare, the Trainer) was never checked;
             # now, before the first freeze, rather than at DDP's error a step too late.
-            D.check_ddp_wrappers(self.partition.root, ())
+            D.check_ddp_wrappers(self.partition.root)
         self._follow_device()
         if self._synced is None and not self._defer_freeze:
             self._sync_model()  # after restore_model(): GRASS takes the model back
@@ -630,7 +630,8 @@ class GrassAdamW(Optimizer):
         return handle
 
 
-# GrassAdamW's own keyword arguments (those after the model and base_optimizer), for "did you mean".
+# GrassAdamW's keyword-only arguments (the GRASS settings, and the built AdamW's lr/betas/eps/weight_decay),
+# for "did you mean" and grass_optim.integrations.grass_settings.
 GRASS_KWARGS = tuple(n for n, p in inspect.signature(GrassAdamW.__init__).parameters.items()
                       if p.kind is p.KEYWORD_ONLY)
 

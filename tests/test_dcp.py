@@ -150,3 +150,18 @@ def test_refuses_other_objects(tmp_path):
         load_checkpoint(tmp_path / "b", fresh, fresh_opt, extra={"step": 0, "sched": torch.zeros(1)})
     assert fresh_opt.num_steps == 0 and not fresh_opt.state, "the optimizer is loaded only after every check"
     assert all(torch.equal(p, params[n]) for n, p in fresh.named_parameters())
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3), torch.zeros(2, dtype=torch.int64)], ids=["shape", "dtype"])
+def test_an_extra_tensor_of_another_shape_or_dtype_is_refused_before_anything_changes(tmp_path, bad):
+    """Checked first: DCP would fail on it only after the optimizer had been loaded."""
+    model, opt = _trained()
+    save_checkpoint(tmp_path, model, opt, extra={"counter": torch.zeros(2)})
+    fresh = make_net(seed=1)
+    fresh_opt = GrassAdamW(fresh, **{**KW, "probe_steps": 2})
+    params = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"Invalid extra: 'counter' is torch\.\w+ of shape \(\d,?\) here, "
+                                         r"torch.float32 of shape \(2,\) in the checkpoint"):
+        load_checkpoint(tmp_path, fresh, fresh_opt, extra={"counter": bad})
+    assert fresh_opt.num_steps == 0 and not fresh_opt.state
+    assert all(torch.equal(p, params[n]) for n, p in fresh.named_parameters())

@@ -92,6 +92,16 @@ def _other_params_sgd(_model):
     return torch.optim.SGD(make_net(seed=1).parameters(), lr=0.1)
 
 
+class _KwargsSGD(torch.optim.SGD):
+    """A base optimizer that takes ``**kwargs`` (and checks them itself)."""
+
+    def __init__(self, params, lr=0.1, **kwargs):
+        unknown = set(kwargs) - {"momentum"}
+        if unknown:
+            raise TypeError(f"_KwargsSGD got unexpected arguments {sorted(unknown)}")
+        super().__init__(params, lr=lr, **kwargs)
+
+
 ERROR_CASES = [
     ("parameters-not-module", lambda m: GrassAdamW(m.parameters()), TypeError, "needs the model"),
     ("active-layers-zero", lambda m: GrassAdamW(m, active_layers=0), ValueError,
@@ -142,6 +152,8 @@ ERROR_CASES = [
      TypeError, r"did you mean probe_steps\?"),
     ("base-kwarg-typo", lambda m: GrassAdamW(m, torch.optim.SGD, lr=0.1, momentm=0.9), TypeError,
      r"Invalid argument momentm=0.9: .* \(did you mean momentum\?\)"),
+    ("grass-kwarg-typo-open-base", lambda m: GrassAdamW(m, _KwargsSGD, lr=0.1, swich_every=3), TypeError,
+     r"Invalid argument swich_every=3: .* base_optimizer=_KwargsSGD \(did you mean switch_every\?\)"),
     ("unknown-kwarg", lambda m: GrassAdamW(m, colour="red"), TypeError,
      r"Invalid argument colour='red': .* \(GrassAdamW takes lr, .*active_layers, .*; AdamW takes .*amsgrad"),
     ("lr-negative", lambda m: GrassAdamW(m, lr=-1.0), ValueError, "Invalid learning rate: -1.0"),

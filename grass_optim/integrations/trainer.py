@@ -47,27 +47,32 @@ class GrassTrainerMixin:
     ``weight_decay`` for all but biases and norms, only the parameters that require grad) and wraps it:
     ``GrassAdamW(model, base_optimizer=that, **settings)``, once, and gives it the Trainer's
     ``GradScaler`` (fp16) for the probing hooks. An optimizer given with ``optimizers=(opt, None)``
-    is used as it is.
+    is used as it is. Not reproduced from the Trainer's own ``create_optimizer``: the 32-bit override
+    of the embeddings with bitsandbytes' 8-bit optimizers, and one group per device mesh for models
+    mixing DTensor meshes.
     """
 
     def __init__(self, *args: Any, grass: Mapping[str, Any] | str | os.PathLike[str] | bool | None = None,
                  grass_callback: bool = True, **kwargs: Any) -> None:
         if grass is True:
             grass = None
-        self.grass_enabled = grass is not False and grass_enabled(grass)
+        self.use_grass = grass is not False and grass_enabled(grass)
         self.grass_settings = {} if grass is False else grass_settings(grass)  # a bad setting fails here
         super().__init__(*args, **kwargs)
-        if grass_callback and self.grass_enabled:
+        if grass_callback and self.use_grass:
             add_grass_callback(self)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         trainer: Any = self
-        if trainer.optimizer is None and self.grass_enabled:
+        if trainer.optimizer is None and self.use_grass:
             # `model` is the wrapped model when the Trainer delays the optimizer (FSDP); else self.model,
             # which TRL/PEFT have already turned into the PeftModel.
             trainer.optimizer = build_grass_optimizer(trainer, trainer.model if model is None else model,
                                                       self.grass_settings)
-        return super().create_optimizer(model)  # type: ignore[misc]  # sets nothing: returns self.optimizer
+        # Returns self.optimizer. Older Trainers' create_optimizer takes no model argument.
+        if model is None:
+            return super().create_optimizer()  # type: ignore[misc]
+        return super().create_optimizer(model)  # type: ignore[misc]
 
 
 class GrassTrainer(GrassTrainerMixin, Trainer):
@@ -82,8 +87,9 @@ def build_grass_optimizer(trainer: Any, model: nn.Module, settings: Mapping[str,
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": trainer.args.weight_decay},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    if trainer.optimizer_cls_and_kwargs is not None:
-        cls, kwargs = trainer.optimizer_cls_and_kwargs
+    given = getattr(trainer, "optimizer_cls_and_kwargs", None)  # Trainer(optimizer_cls_and_kwargs=), 4.43+
+    if given is not None:
+        cls, kwargs = given
         source = "optimizer_cls_and_kwargs"
     else:
         cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
