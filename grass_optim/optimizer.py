@@ -169,23 +169,18 @@ class GrassAdamW(Optimizer):
                 "GrassAdamW(model.parameters()). To keep your own param groups, build an optimizer "
                 "and wrap it: GrassAdamW(model, base_optimizer=torch.optim.AdamW(groups, ...))")
         check_optimizer_kwargs(base_optimizer, optimizer_kwargs, GRASS_KWARGS)
-        resolved = resolve_sampler(sampler, temperature=temperature, ema=ema, exploration=exploration)
-        self.config = C.GrassConfig.build(
+        resolved, self.config = check_grass_settings(
+            sampler=sampler, temperature=temperature, ema=ema, exploration=exploration,
             active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
             update_every=update_every, refresh_all=refresh_all, outside_blocks=outside_blocks,
-            probe_low_memory=probe_low_memory, offload=offload, offload_overlap=offload_overlap,
-            default_probe_steps=default_probe_steps(resolved))
+            probe_low_memory=probe_low_memory, offload=offload, offload_overlap=offload_overlap, seed=seed,
+            distributed_checks=distributed_checks, history=history, history_limit=history_limit)
         given = {"temperature": temperature, "ema": ema, "exploration": exploration, "update_every": update_every,
                  "refresh_all": refresh_all}
         defaults = {"temperature": C.DEFAULT_TEMPERATURE, "ema": C.DEFAULT_EMA,
                     "exploration": C.DEFAULT_EXPLORATION, "update_every": None, "refresh_all": C.DEFAULT_REFRESH_ALL}
         for name in unused_settings(sampler, resolved, {k: v for k, v in given.items() if v != defaults[k]}):
             logger.warning("GrassAdamW: %s=%r has no effect with sampler=%r", name, given[name], sampler)
-        if seed is not None:
-            C.check_int("seed", seed, 0, 2**63 - 1)
-        C.check_bool("distributed_checks", distributed_checks)
-        C.check_history(history)
-        C.check_int("history_limit", history_limit, 1)
         check_grad_scaler(grad_scaler)
         self.partition = find_layers(model, layers)
         trainable = [p for ps in self.partition.block_params for p in ps if is_trainable(p)]
@@ -630,10 +625,32 @@ class GrassAdamW(Optimizer):
         return handle
 
 
-# GrassAdamW's keyword-only arguments (the GRASS settings, and the built AdamW's lr/betas/eps/weight_decay),
-# for "did you mean" and grass_optim.integrations.grass_settings.
-GRASS_KWARGS = tuple(n for n, p in inspect.signature(GrassAdamW.__init__).parameters.items()
-                      if p.kind is p.KEYWORD_ONLY)
+def check_grass_settings(*, sampler: str | Sampler, temperature: float, ema: float, exploration: float,
+                         active_layers: int, switch_every: int, probe_steps: int | None, update_every: int | None,
+                         refresh_all: bool, outside_blocks: str, probe_low_memory: bool, offload: bool | str | None,
+                         offload_overlap: bool, seed: int | None, distributed_checks: bool, history: bool | str,
+                         history_limit: int) -> tuple[Sampler, C.GrassConfig]:
+    """GrassAdamW's checks of its settings that need no model; returns the resolved sampler and the
+    config. ``grass_optim.integrations.grass_settings`` runs them on a config, before any model exists."""
+    resolved = resolve_sampler(sampler, temperature=temperature, ema=ema, exploration=exploration)
+    config = C.GrassConfig.build(
+        active_layers=active_layers, switch_every=switch_every, probe_steps=probe_steps,
+        update_every=update_every, refresh_all=refresh_all, outside_blocks=outside_blocks,
+        probe_low_memory=probe_low_memory, offload=offload, offload_overlap=offload_overlap,
+        default_probe_steps=default_probe_steps(resolved))
+    if seed is not None:
+        C.check_int("seed", seed, 0, 2**63 - 1)
+    C.check_bool("distributed_checks", distributed_checks)
+    C.check_history(history)
+    C.check_int("history_limit", history_limit, 1)
+    return resolved, config
+
+
+# GrassAdamW's keyword-only arguments (the GRASS settings, and the built AdamW's lr/betas/eps/weight_decay)
+# and their defaults, for "did you mean" and grass_optim.integrations.grass_settings.
+GRASS_DEFAULTS = {n: p.default for n, p in inspect.signature(GrassAdamW.__init__).parameters.items()
+                  if p.kind is p.KEYWORD_ONLY}
+GRASS_KWARGS = tuple(GRASS_DEFAULTS)
 
 
 def _weak(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,15 +11,14 @@ Imports neither ``transformers`` nor ``yaml`` until asked to (PyYAML only to rea
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import config as C
-from ..optimizer import GRASS_KWARGS
-from ..sampling import default_probe_steps, resolve_sampler
+from ..optimizer import GRASS_DEFAULTS, GRASS_KWARGS, check_grass_settings
 
 __all__ = ["ALIASES", "SETTINGS", "SWITCHES", "grass_enabled", "grass_settings"]
 
@@ -136,21 +135,8 @@ def _entry(source: Any, key: str | None) -> Mapping[str, Any]:
 def check_settings(settings: Mapping[str, Any]) -> None:
     """The checks GrassAdamW makes of these values that need no model (``active_layers`` against
     the number of blocks and ``layers`` against the model wait for it)."""
-    sampler = settings.get("sampler", "grass")
-    resolved = resolve_sampler(sampler, **{k: settings[k] for k in ("temperature", "ema", "exploration")
-                                           if k in settings})
-    fields = ("active_layers", "switch_every", "probe_steps", "update_every", "refresh_all", "outside_blocks",
-              "probe_low_memory", "offload", "offload_overlap")
-    C.GrassConfig.build(**{k: settings[k] for k in fields if k in settings},
-                        default_probe_steps=default_probe_steps(resolved))
-    if settings.get("seed") is not None:
-        C.check_int("seed", settings["seed"], 0, 2**63 - 1)
-    if "distributed_checks" in settings:
-        C.check_bool("distributed_checks", settings["distributed_checks"])
-    if "history" in settings:
-        C.check_history(settings["history"])
-    if "history_limit" in settings:
-        C.check_int("history_limit", settings["history_limit"], 1)
+    checked = inspect.signature(check_grass_settings).parameters
+    check_grass_settings(**{name: settings.get(name, GRASS_DEFAULTS[name]) for name in checked})
     layers = settings.get("layers")
     if layers is not None and not isinstance(layers, (str, list, tuple)):
         raise TypeError(f"Invalid layers: {layers!r} (expected a dotted path such as 'model.layers', or a list "
