@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .freezing import is_trainable
+from .offload import local  # the local shard of a DTensor (re-exported: measuring reads gradients' shards)
 
 __all__ = ["RankChecks", "accelerate_in_use", "check_ddp", "check_ddp_wrappers", "find_ddp_wrappers",
            "is_distributed", "is_sharded", "local", "resolve_seed", "same_on_all_ranks",
@@ -89,11 +90,6 @@ def is_sharded(t: Tensor) -> bool:
     """True for a DTensor with a sharded placement (FSDP2's ``fully_shard`` parameters)."""
     placements = getattr(t, "placements", None)
     return placements is not None and any(p.is_shard() for p in placements)
-
-
-def local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def sum_over_ranks(t: Tensor) -> Tensor:
